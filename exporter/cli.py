@@ -1,0 +1,132 @@
+"""ptekit: BF16 Llama-family checkpoints -> quantized ExecuTorch .pte for Arm CPUs (XNNPACK).
+
+The pipeline, one command per step: import-gguf -> export -> generate / info / eval / bench.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from exporter.defaults import DEFAULT_MODEL
+from exporter.errors import PtekitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help=(
+        "Export Llama-family checkpoints to quantized ExecuTorch .pte files for Arm CPUs (XNNPACK), "
+        "and measure them.\n\n"
+        f"Quick start: ptekit export {DEFAULT_MODEL} -o out/ --method ptq && "
+        'ptekit generate out/model.pte --prompt "What is the capital of France?"'
+    ),
+)
+
+METHOD_HELP = (
+    "bf16: unquantized baseline. ptq: round to nearest into the scheme (4-bit g32 weights + 8-bit dynamic "
+    "activations in the blocks, 8-bit classifier and embedding). spinquant: learned rotations + GPTQ. "
+    "qlora: quantization-aware training + LoRA adapters."
+)
+
+
+class Stages:
+    """One line per pipeline step with its elapsed time, on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.name, self.t = quiet, None, time.perf_counter()
+
+    def __call__(self, name: str):
+        self._close()
+        self.name, self.t = name, time.perf_counter()
+        if not self.quiet:
+            typer.echo(f"- {name} ...", err=True)
+
+    def _close(self):
+        if self.name and not self.quiet:
+            typer.echo(f"  {self.name}: {time.perf_counter() - self.t:.1f} s", err=True)
+
+    def done(self):
+        self._close()
+        self.name = None
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help=f"A checkpoint directory (Meta: params.json + consolidated.*.pth; Hugging Face: config.json + *.safetensors), a llama .gguf file, or '{DEFAULT_MODEL}' for the embedded default model."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory: model.pte, the tokenizer, manifest.json."),
+    method: str = typer.Option("ptq", "--method", "-m", help=METHOD_HELP),
+    max_seq_len: int = typer.Option(2048, "--max-seq-len", help="KV cache length in the .pte (prompt + generated tokens)."),
+    eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL for spinquant and qlora (default: WikiText-2 validation text in ../shared/data)."),
+    device: str = typer.Option("cpu", "--device", help="Where spinquant/qlora optimize: cpu or cuda."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Quantize a checkpoint with METHOD and lower it to an XNNPACK .pte."""
+    from exporter.pipeline import export as run_export
+
+    stages = Stages(quiet)
+    res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method,
+                     calibration=calibration, device=device, steps=steps, stage=stages)
+    stages.done()
+    m = res.manifest
+    typer.echo(f"{res.pte}  {m['pte_bytes'] / 1e6:.1f} MB  method={method}  "
+               f"delegated {m['lowering']['share_delegated']:.0%} of ops to XNNPACK  ({res.seconds['total']:.0f} s)")
+
+
+@app.command("import-gguf")
+def import_gguf_cmd(
+    gguf_file: Path = typer.Argument(..., help="A llama-architecture .gguf file (any quantization gguf can dequantize)."),
+    out_dir: Path = typer.Argument(..., help="Where to write config.json, model.safetensors, tokenizer.json."),
+):
+    """Dequantize a llama GGUF into the Hugging Face layout (bf16 safetensors + tokenizer.json)."""
+    from exporter.atomic import ensure_writable_dir
+    from exporter.gguf_import import import_gguf
+
+    ensure_writable_dir(out_dir.parent if out_dir.parent != Path("") else Path("."))
+    out = import_gguf(gguf_file, out_dir)
+    typer.echo(f"{out}: config.json, model.safetensors, tokenizer.json")
+
+
+@app.command()
+def generate(
+    model: Path = typer.Argument(..., help="A .pte made by `ptekit export`."),
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Default: the tokenizer named in manifest.json beside the .pte."),
+    chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the tokenizer's chat template when it has one."),
+):
+    """Run a .pte on this machine through ExecuTorch's runtime (greedy decoding)."""
+    from exporter.generate import generate_text
+
+    generate_text(model, prompt, max_new_tokens, tokenizer, chat, echo=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    typer.echo("")
+
+
+@app.command()
+def info(model: Path = typer.Argument(..., help="A .pte file.")):
+    """Methods, metadata, size and XNNPACK delegation of a .pte."""
+    from exporter.inspect_pte import describe
+
+    typer.echo(json.dumps(describe(model), indent=2))
+
+
+def main():
+    try:
+        app()
+    except PtekitError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; no partial outputs were left behind", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

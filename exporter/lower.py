@@ -1,0 +1,137 @@
+"""Lowering: a (quantized) Transformer -> torch.export -> XNNPACK -> .pte bytes.
+
+The .pte holds the KV cache as mutable buffers, uses ExecuTorch's custom cache-update and SDPA
+ops, takes a dynamic number of tokens (prefill) and carries the metadata methods that
+ExecuTorch's LLM runner reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from exporter.model import Transformer
+from exporter.runtime import EVAL_METHOD
+
+
+@dataclass
+class LowerOptions:
+    max_seq_len: int = 2048
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    # A second method, forward_all_logits, returning every position's logits so `ptekit eval`
+    # can score the file itself. It shares the weights with forward (the .pte grows by a few KB)
+    # but costs about half again the lowering time, so it is opt-in.
+    eval_method: bool = False
+
+
+def load_executorch_ops() -> None:
+    """Registers the custom ops an LLM .pte uses, for tracing and for running it."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    from executorch.kernels import quantized  # noqa: F401
+
+
+def prepare_for_export(model: Transformer, dtype: torch.dtype) -> Transformer:
+    model.last_logits_only = True
+    model.setup_caches(dtype)
+    # Every module with an ExecuTorch-only fast path (attention, the int8 embedding, online
+    # Hadamard transforms) carries this flag.
+    for m in model.modules():
+        if hasattr(m, "use_executorch_ops"):
+            m.use_executorch_ops = True
+    return model.eval()
+
+
+def model_dtype(model: Transformer) -> torch.dtype:
+    """bf16 when the method left the model in bf16 (the baseline), fp32 activations otherwise."""
+    return torch.bfloat16 if model.norm.weight.dtype == torch.bfloat16 else torch.float32
+
+
+def metadata(model: Transformer, opts: LowerOptions) -> dict:
+    cfg = model.config
+    md = {
+        "get_max_seq_len": opts.max_seq_len,
+        "get_max_context_len": opts.max_seq_len,
+        "get_n_layers": cfg.n_layers,
+        "get_vocab_size": cfg.vocab_size,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+    }
+    if opts.bos_id is not None:
+        md["get_bos_id"] = opts.bos_id
+    if opts.eos_ids:
+        md["get_eos_ids"] = list(opts.eos_ids)
+    return md
+
+
+def export_programs(model: Transformer, opts: LowerOptions) -> dict:
+    """torch.export of the cached forward: tokens [1, S] (S dynamic), input_pos [1]."""
+    load_executorch_ops()
+    model = prepare_for_export(model, model_dtype(model))
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    seq = torch.export.Dim("seq_len", min=1, max=opts.max_seq_len - 1)
+    programs = {}
+    with torch.no_grad():
+        programs["forward"] = torch.export.export(model, example, dynamic_shapes=({1: seq}, None), strict=False)
+        if opts.eval_method:
+            model.last_logits_only = False
+            programs[EVAL_METHOD] = torch.export.export(model, example, dynamic_shapes=({1: seq}, None), strict=False)
+            model.last_logits_only = True
+    return programs
+
+
+def delegation_stats(edge) -> dict:
+    """How many of forward's operators XNNPACK took, counted on the lowered edge graph."""
+    ep = edge.exported_program("forward")
+    delegated = 0
+    outside = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if name == "executorch_call_delegate":
+            sub = getattr(ep.graph_module, node.args[0].target)
+            delegated += sum(n.op == "call_function" for n in sub.original_module.graph.nodes)
+        elif name not in ("getitem", "alloc") and not name.startswith("sym_"):
+            outside[name] = outside.get(name, 0) + 1
+    total = delegated + sum(outside.values())
+    return {"ops_delegated": delegated, "ops_total": total, "share_delegated": round(delegated / max(total, 1), 4),
+            "ops_outside": dict(sorted(outside.items()))}
+
+
+def to_pte_bytes(programs: dict, md: dict, bf16: bool = False) -> tuple[bytes, dict]:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger().setLevel(logging.WARNING)
+        edge = to_edge_transform_and_lower(
+            programs,
+            # One greedy partitioner takes the dynamically quantized linears and the ops between
+            # them; export_llama's two-pass setup costs a second round of decompositions.
+            partitioner=[XnnpackPartitioner(enable_bf16=bf16)],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+            constant_methods=md,
+        )
+        et = edge.to_executorch(
+            ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                do_quant_fusion_and_const_prop=True,
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            )
+        )
+    return et.buffer, delegation_stats(edge)
+
+
+def lower(model: Transformer, opts: LowerOptions) -> tuple[bytes, dict]:
+    """The .pte bytes and the delegation statistics."""
+    bf16 = model_dtype(model) == torch.bfloat16
+    return to_pte_bytes(export_programs(model, opts), metadata(model, opts), bf16=bf16)

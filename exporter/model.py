@@ -1,0 +1,180 @@
+"""The Llama 3.x decoder, read top to bottom.
+
+Grouped-query attention, RMSNorm, SwiGLU, RoPE with Llama 3 frequency scaling (Meta's
+interleaved-pair layout), tied or untied embeddings, and a static KV cache of layout
+[batch, max_seq_len, n_kv_heads, head_dim] (the layout ExecuTorch's cache ops use).
+
+Two ways to call it:
+- forward(tokens): no cache, causal attention over the whole input; training and evaluation.
+- forward(tokens, input_pos): with the cache, tokens occupy positions input_pos[0]...; this is
+  what the .pte runs. `use_executorch_ops` (set by exporter.lower) routes the cache update and
+  attention through ExecuTorch's custom ops; the eager path computes the same thing in plain torch,
+  so this file imports nothing from executorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exporter.config import ModelConfig, RopeScaling
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    half = cfg.head_dim // 2
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / cfg.head_dim))
+    if cfg.rope_scaling is not None:
+        freqs = _llama3_scaling(freqs, cfg.rope_scaling)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _llama3_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    # Low frequencies are slowed by `factor`, high ones kept, the band between interpolated.
+    wavelen = 2 * math.pi / freqs
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    mid = (1 - smooth) * freqs / s.factor + smooth * freqs
+    out = torch.where(wavelen > low_wavelen, freqs / s.factor, freqs)
+    return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), mid, out)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, H, D]; cos, sin: [S, D/2]. Rotates adjacent pairs (Meta's layout)."""
+    xr = x.reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xr.unbind(-1)
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:  # bf16 models normalize in fp32, as Meta's code does
+            return self.forward(x.float()).to(x.dtype)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.use_executorch_ops = False
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
+
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype):
+        shape = (1, max_seq_len, self.n_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+
+    def forward(self, x, cos, sin, start: int | None = None):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if start is None:
+            y = self._attend(q, k, v, mask=None)
+        elif self.use_executorch_ops:
+            torch.ops.llama.update_cache(k, self.k_cache, start)
+            torch.ops.llama.update_cache(v, self.v_cache, start)
+            y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True)
+        else:
+            self.k_cache[:, start : start + S] = k
+            self.v_cache[:, start : start + S] = v
+            positions = torch.arange(start, start + S)
+            mask = torch.arange(self.k_cache.shape[1])[None, :] <= positions[:, None]
+            y = self._attend(q, self.k_cache.type_as(q), self.v_cache.type_as(q), mask)
+        return self.wo(y.reshape(B, S, -1))
+
+    def _attend(self, q, k, v, mask):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return y.transpose(1, 2)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, start=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_frequencies(cfg)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+        # The .pte returns only the last position's logits (what a runner samples from);
+        # evaluation and training want every position.
+        self.last_logits_only = False
+
+    def setup_caches(self, dtype: torch.dtype = torch.float32):
+        for layer in self.layers:
+            layer.attention.setup_cache(self.config.max_seq_len, dtype)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        S = tokens.shape[1]
+        start = None
+        if input_pos is None:
+            cos, sin = self.freqs_cos[:S], self.freqs_sin[:S]
+        else:
+            # One read of the position for the whole network: under export it becomes a single
+            # symbolic integer that every layer shares.
+            start = input_pos[0].item()
+            torch._check(start >= 0)
+            torch._check(start + S <= self.config.max_seq_len)
+            cos = self.freqs_cos.narrow(0, start, S)
+            sin = self.freqs_sin.narrow(0, start, S)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start)
+        h = self.norm(h)
+        if self.last_logits_only:
+            h = h[:, -1:, :]
+        return self.output(h).float()

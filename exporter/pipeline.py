@@ -1,0 +1,143 @@
+"""checkpoint -> model -> method -> lower -> out/{model.pte, tokenizer, manifest.json}.
+
+The one place where the steps meet; the CLI calls it, and so do the benchmarks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from exporter import manifest
+from exporter.atomic import atomic_path, ensure_writable_dir
+from exporter.checkpoint import Checkpoint, build_model, load_checkpoint
+from exporter.defaults import resolve_checkpoint_arg
+from exporter.errors import PtekitError
+from exporter.lower import LowerOptions, lower
+from exporter.tokenizer import Tokenizer
+from quant.method import MethodInputs
+
+PTE_NAME = "model.pte"
+
+
+def method_table() -> dict[str, Callable]:
+    """Method name -> quantize(model, inputs). A new method is one more line here."""
+    import quant.bf16
+    import quant.ptq
+
+    table = {"bf16": quant.bf16.quantize, "ptq": quant.ptq.quantize}
+    for name, module in (("spinquant", "quant.spinquant"), ("qlora", "quant.qlora")):
+        try:
+            table[name] = __import__(module, fromlist=["quantize"]).quantize
+        except ImportError:
+            pass
+    return table
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    pte: Path
+    manifest: dict
+    seconds: dict
+
+
+def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[Tokenizer | None], MethodInputs],
+                    max_seq_len: int, stage=lambda name: None):
+    """Loads the checkpoint and applies the method: (Checkpoint, tokenizer, quantized model)."""
+    table = method_table()
+    if method not in table:
+        raise PtekitError(f"unknown method {method!r}; choose one of {', '.join(table)}")
+    stage("load checkpoint")
+    ckpt = load_checkpoint(resolve_checkpoint_arg(str(checkpoint)))
+    if ckpt.tokenizer_path is None:
+        raise PtekitError(f"{ckpt.files[0].parent}: no tokenizer.json or tokenizer.model next to the weights")
+    tok = Tokenizer(ckpt.tokenizer_path)
+    model = build_model(ckpt, max_seq_len=max_seq_len)
+    stage(f"quantize ({method})")
+    with torch.no_grad() if method in ("bf16", "ptq") else _null():
+        model = table[method](model, inputs_for(tok))
+    return ckpt, tok, model
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int = 2048, eval_method: bool = False,
+           calibration: Path | None = None, device: str = "cpu", steps: int | None = None, options: dict | None = None,
+           stage=lambda name: None) -> ExportResult:
+    out_dir = ensure_writable_dir(Path(out_dir))
+    seconds = {}
+    t0 = time.perf_counter()
+
+    def inputs_for(tok):
+        return MethodInputs(work_dir=out_dir / f"{method}-work", tokenizer=tok, calibration=calibration,
+                            device=device, steps=steps, options=options or {})
+
+    ckpt, tok, model = load_for_method(checkpoint, method, inputs_for, max_seq_len, stage)
+    seconds["load_and_quantize"] = round(time.perf_counter() - t0, 2)
+
+    stage("lower to XNNPACK")
+    t1 = time.perf_counter()
+    eos = tuple(tok.eos_ids) or tuple(filter(None, [ckpt.extra.get("eos_token_id")]))
+    opts = LowerOptions(max_seq_len=max_seq_len, bos_id=tok.bos_id, eos_ids=eos, eval_method=eval_method)
+    pte_bytes, delegation = lower(model, opts)
+    seconds["lower"] = round(time.perf_counter() - t1, 2)
+
+    stage("write outputs")
+    pte = out_dir / PTE_NAME
+    with atomic_path(pte) as tmp:
+        tmp.write_bytes(pte_bytes)
+    tok_files = _copy_tokenizer(ckpt, out_dir)
+    seconds["total"] = round(time.perf_counter() - t0, 2)
+    record = {
+        "format": "ptekit-manifest/1",
+        "pte": PTE_NAME,
+        "pte_bytes": len(pte_bytes),
+        "pte_sha256": manifest.file_sha256(pte),
+        "tokenizer": tok_files[0],
+        "tokenizer_files": tok_files,
+        "method": method,
+        "scheme": _scheme_record(method),
+        "source": {
+            "path": str(resolve_checkpoint_arg(str(checkpoint))),
+            "layout": ckpt.layout,
+            "sha256": ckpt.sha256(),
+        },
+        "model": {**ckpt.config.to_dict(), "max_seq_len": max_seq_len,
+                  "parameters": sum(t.numel() for t in ckpt.state_dict.values())},
+        "lowering": {"backend": "XNNPACK", "methods": ["forward"] + (["forward_all_logits"] if eval_method else []),
+                     **delegation, "bos_id": opts.bos_id, "eos_ids": list(opts.eos_ids)},
+        "seconds": seconds,
+        "tools": manifest.tool_versions(),
+    }
+    manifest.write_manifest(out_dir, record)
+    return ExportResult(out_dir, pte, record, seconds)
+
+
+def _scheme_record(method: str) -> dict:
+    from quant import scheme
+
+    return {"name": "bf16 (unquantized)"} if method == "bf16" else {"name": "8da4w-g32 + int8 classifier + int8 embedding", **scheme.DESCRIPTION}
+
+
+def _copy_tokenizer(ckpt: Checkpoint, out_dir: Path) -> list[str]:
+    src = ckpt.tokenizer_path
+    names = [src.name]
+    cfg = src.with_name("tokenizer_config.json")
+    if src.suffix == ".json" and cfg.exists():
+        names.append(cfg.name)
+    for name in names:
+        with atomic_path(out_dir / name) as tmp:
+            shutil.copyfile(src.with_name(name), tmp)
+    return names

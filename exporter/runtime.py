@@ -1,0 +1,67 @@
+"""Running a .pte on this machine through ExecuTorch's own runtime (the pybindings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from exporter.errors import PtekitError
+
+EVAL_METHOD = "forward_all_logits"
+
+
+class PteModel:
+    def __init__(self, path: str | Path):
+        from exporter.lower import load_executorch_ops
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise PtekitError(f"{self.path}: no such .pte file")
+        load_executorch_ops()
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+        try:
+            self._module = _load_for_executorch(str(self.path))
+        except Exception as e:
+            raise PtekitError(f"{self.path}: ExecuTorch cannot load this file ({e}); is it a complete .pte?") from None
+        self.methods = set(self._module.method_names())
+        if "forward" not in self.methods:
+            raise PtekitError(f"{self.path}: no 'forward' method; not an LLM .pte")
+
+    def meta(self, name: str, default=None):
+        if name not in self.methods:
+            return default
+        out = self._module.run_method(name, ())
+        return out if name == "get_eos_ids" else out[0]
+
+    def metadata(self) -> dict:
+        names = ["get_max_seq_len", "get_max_context_len", "get_n_layers", "get_vocab_size", "get_bos_id",
+                 "get_eos_ids", "use_kv_cache", "use_sdpa_with_kv_cache", "enable_dynamic_shape"]
+        return {n: self.meta(n) for n in names if n in self.methods}
+
+    def forward(self, tokens: list[int], start: int, all_logits: bool = False) -> torch.Tensor:
+        """Runs tokens at positions start..; returns logits [S, vocab] (all_logits) or [vocab]."""
+        method = EVAL_METHOD if all_logits else "forward"
+        if method not in self.methods:
+            raise PtekitError(f"{self.path}: no '{method}' method; re-export with --eval-method")
+        out = self._module.run_method(method, (torch.tensor([tokens], dtype=torch.long), torch.tensor([start], dtype=torch.long)))[0]
+        return out[0] if all_logits else out[0, -1]
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int], on_token=None) -> list[int]:
+        """Greedy decoding, one prefill then one token per step."""
+        max_len = int(self.meta("get_max_seq_len", 2048))
+        if len(prompt_ids) >= max_len:
+            raise PtekitError(f"prompt is {len(prompt_ids)} tokens; this .pte holds at most {max_len - 1}")
+        logits = self.forward(prompt_ids, 0)
+        pos, out = len(prompt_ids), []
+        while len(out) < max_new_tokens and pos < max_len:
+            nxt = int(logits.argmax())
+            if nxt in eos_ids:
+                break
+            out.append(nxt)
+            if on_token:
+                on_token(nxt)
+            logits = self.forward([nxt], pos)
+            pos += 1
+        return out
