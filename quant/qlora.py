@@ -1,0 +1,281 @@
+"""qlora: quantization-aware training with LoRA adapters (the recipe of Meta's Llama 3.2
+quantized models), ending in the spec'd scheme.
+
+1. QAT: every parameter trains while the model runs fake-quantized exactly as the scheme
+   (quant.qat, torchao's QAT API), on CE of the response tokens + distillation from the BF16
+   model's logits.
+2. LoRA: that backbone is frozen (still fake-quantized) and every block linear gets a float
+   adapter (rank 16, scale 2.0 by default), trained on the same objective.
+3. DPO (off unless preference data is given): backbone and adapters together (quant.dpo).
+
+Then the fake quantizers come off and quant.ptq.apply_scheme quantizes the trained base
+weights with the same torchao primitives; the adapters stay float and lower to their own fp32
+GEMMs beside the 8da4w ones. The trained float weights and adapters are saved under
+inputs.work_dir/trained (safetensors) so lowering can be rerun without training, and every round
+checkpoints under inputs.work_dir so an interrupted run resumes where it stopped.
+
+Settings come from MethodInputs (steps, device, calibration = the data file, seed) and
+inputs.options, whose keys are the fields of QLoRASettings.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exporter.errors import PtekitError
+from quant import lora, qat, sft_data
+from quant.method import MethodInputs
+from quant.train import Dist, TrainConfig, init_distributed, resolve_device, sft_objective, train
+
+TRAINED = "trained"
+
+
+@dataclass
+class QLoRASettings:
+    rank: int = lora.DEFAULT_RANK
+    scale: float = lora.DEFAULT_SCALE
+    qat_steps: int = 400  # 400 x 8 x 512 = 1.6M tokens
+    lora_steps: int = 100  # 0: QAT alone, no adapters
+    lr: float = 1e-4
+    lora_lr: float = 2e-4
+    seq_len: int = 512
+    micro_batch: int = 4
+    grad_accum: int = 2
+    warmup_steps: int = 10
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0  # distillation from the BF16 model's logits; 0 turns it off
+    checkpoint_every: int = 50
+    autocast: bool | None = None
+    gen_sequences: int = 256  # data-free: how many sequences the BF16 model writes
+    dpo_data: str | None = None  # JSONL of {"prompt", "chosen", "rejected"}; None: no DPO round
+    dpo_steps: int = 50
+    dpo_lr: float = 5e-6
+    dpo_beta: float = 0.1
+    progress: bool = True
+
+    @classmethod
+    def from_inputs(cls, inputs: MethodInputs) -> "QLoRASettings":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        if inputs.steps is not None:
+            values["qat_steps"] = values["lora_steps"] = inputs.steps
+        for key, v in inputs.options.items():
+            if key not in fields:
+                raise PtekitError(f"qlora: unknown option {key!r}; known options: {', '.join(fields)}")
+            values[key] = _coerce(key, v, cls.__dataclass_fields__[key].default)
+        s = cls(**values)
+        for key in ("rank", "qat_steps", "seq_len", "micro_batch", "grad_accum"):
+            if getattr(s, key) < 1:
+                raise PtekitError(f"qlora: {key} must be at least 1 (got {getattr(s, key)})")
+        return s
+
+    def train_config(self, steps: int, lr: float, seed: int) -> TrainConfig:
+        return TrainConfig(steps=steps, lr=lr, warmup_steps=min(self.warmup_steps, steps // 10),
+                           micro_batch=self.micro_batch, grad_accum=self.grad_accum, ce_weight=self.ce_weight,
+                           kd_weight=self.kd_weight, checkpoint_every=self.checkpoint_every,
+                           autocast=self.autocast, seed=seed)
+
+
+def _coerce(key: str, v, default):
+    """CLI options arrive as strings; give them the type of the default."""
+    if not isinstance(v, str) or default is None or isinstance(default, str):
+        return v
+    try:
+        if isinstance(default, bool):
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(v)
+            return v.lower() in ("true", "1")
+        return type(default)(v)
+    except ValueError:
+        raise PtekitError(f"qlora: option {key}={v!r} is not a valid {type(default).__name__}") from None
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def data_source(inputs: MethodInputs) -> Path | str:
+    """The file to train on, or SELF_GENERATED. Default: WikiText-2 validation text beside the
+    project when it is there, else the model's own text, so a bare checkpoint is enough."""
+    src = inputs.calibration
+    if src is None:
+        default = sft_data.default_text()
+        return default if default.is_file() else sft_data.SELF_GENERATED
+    if str(src) == sft_data.SELF_GENERATED and not Path(src).exists():
+        return sft_data.SELF_GENERATED
+    return Path(src)
+
+
+def data_id(src, s: QLoRASettings, seed: int) -> str:
+    if src == sft_data.SELF_GENERATED:
+        return _hash("self", s.gen_sequences, s.seq_len, seed)
+    p = Path(src)
+    if not p.is_file():
+        raise PtekitError(f"{p}: training data file not found; pass an existing file with --data, or --data self")
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
+def training_windows(src, inputs: MethodInputs, s: QLoRASettings, seq_len: int, teacher: nn.Module,
+                     device: torch.device, d: Dist, fp: str) -> sft_data.Windows:
+    if src == sft_data.SELF_GENERATED:
+        cache = inputs.work_dir / f"self-generated-{fp}.jsonl"
+        if not cache.exists() and d.main:
+            teacher.to(device)
+            examples = sft_data.self_generated(teacher, inputs.tokenizer, s.gen_sequences, seq_len + 1,
+                                               seed=inputs.seed, progress=s.progress)
+            sft_data.save_examples(cache, examples)
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        examples = sft_data.read_examples(cache)
+        source = "self-generated data"
+    else:
+        if inputs.tokenizer is None:
+            raise PtekitError(f"{src}: reading training data needs the checkpoint's tokenizer")
+        examples = sft_data.load_examples(src, inputs.tokenizer)
+        source = str(src)
+    windows = sft_data.pack(examples, seq_len, source)
+    sft_data.check_vocab(windows, teacher.config.vocab_size, source)
+    return windows
+
+
+# --- the trained checkpoint --------------------------------------------------------------------
+
+
+def save_trained(d: Path, model: nn.Module, meta: dict) -> None:
+    """Backbone (float, after QAT) and adapters as safetensors, plus how to rebuild the model."""
+    from safetensors.torch import save_file
+
+    from exporter.atomic import atomic_dir
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.output.weight is model.tok_embeddings.weight:
+        sd.pop("output.weight")  # safetensors stores no aliases; the tie is in qlora.json
+    with atomic_dir(d) as tmp:
+        save_file(sd, tmp / "model.safetensors")
+        (tmp / "qlora.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_trained(d: Path, model: nn.Module, fingerprint: str) -> nn.Module | None:
+    """The trained model rebuilt on `model` when d holds the result of these settings, else None."""
+    meta_path = d / "qlora.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    from safetensors.torch import load_file
+
+    if meta["lora"]:
+        lora.add_lora(model, meta["lora"]["rank"], meta["lora"]["scale"])
+    sd = load_file(d / "model.safetensors")
+    tied = model.output.weight is model.tok_embeddings.weight
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not (tied and k == "output.weight")]:
+        raise PtekitError(f"{d}: the saved trained weights do not fit this model; delete {d} to train again")
+    return model
+
+
+# --- the method --------------------------------------------------------------------------------
+
+
+def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
+    from quant.ptq import apply_scheme
+
+    s = QLoRASettings.from_inputs(inputs)
+    work = Path(inputs.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    d = init_distributed(inputs.device)
+    device = resolve_device(inputs.device, d)
+    seq_len = min(s.seq_len, model.config.max_seq_len)
+    src = data_source(inputs)
+
+    # One fingerprint per round, chained: a round's checkpoint is reused only by a run that
+    # would have produced it (same weights, data and settings up to that round).
+    fp_data = _hash(weights_hash(model), data_id(src, s, inputs.seed), seq_len)
+    rounds = [("qat", s.train_config(s.qat_steps, s.lr, inputs.seed))]
+    if s.lora_steps > 0:
+        rounds.append(("lora", s.train_config(s.lora_steps, s.lora_lr, inputs.seed)))
+    if s.dpo_data:
+        rounds.append(("dpo", s.train_config(s.dpo_steps, s.dpo_lr, inputs.seed)))
+    fps, prev = {}, fp_data
+    for name, cfg in rounds:
+        extra = (s.rank, s.scale) if name == "lora" else (data_id(s.dpo_data, s, 0), s.dpo_beta) if name == "dpo" else ()
+        fps[name] = prev = _hash(prev, name, cfg.fingerprint(), extra)
+
+    meta = {"fingerprint": prev, "lora": {"rank": s.rank, "scale": s.scale} if s.lora_steps > 0 else None,
+            "rounds": {name: dataclasses.asdict(cfg) for name, cfg in rounds},
+            "data": str(src), "seq_len": seq_len}
+    trained = load_trained(work / TRAINED, model, prev)
+    if trained is not None:
+        _leave_if_helper(d)
+        return apply_scheme(trained)
+
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    windows = training_windows(src, inputs, s, seq_len, teacher, device, d, fp_data)
+    model.to(device)
+    teacher.to(device)
+
+    qat.prepare(model)
+    cfg = dict(rounds)["qat"]
+    kd_teacher = teacher if s.kd_weight else None
+    train("round 1: QAT", model, list(model.parameters()), sft_objective(windows, cfg, d, device, kd_teacher), cfg,
+          work / "qat" / "state.pt", fps["qat"], device, d, progress=s.progress)
+
+    if s.lora_steps > 0:
+        torch.manual_seed(inputs.seed)  # the adapters' initial values, the same on every process
+        lora.add_lora(model, s.rank, s.scale)
+        model.to(device)
+        cfg = dict(rounds)["lora"]
+        train("round 2: LoRA", model, lora.lora_parameters(model), sft_objective(windows, cfg, d, device, kd_teacher),
+              cfg, work / "lora" / "state.pt", fps["lora"], device, d, progress=s.progress)
+
+    if s.dpo_data:
+        from quant import dpo
+
+        del teacher
+        cfg = dict(rounds)["dpo"]
+        pairs = sft_data.load_preferences(Path(s.dpo_data), inputs.tokenizer)
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        train("round 3: DPO", model, list(model.parameters()),
+              dpo.objective(pairs, reference, cfg, d, device, s.dpo_beta, seq_len), cfg,
+              work / "dpo" / "state.pt", fps["dpo"], device, d, progress=s.progress)
+
+    model.to("cpu")
+    qat.convert(model)
+    if d.main:
+        save_trained(work / TRAINED, model, meta)
+    _leave_if_helper(d)
+    return apply_scheme(model)
+
+
+def _leave_if_helper(d: Dist) -> None:
+    """Under torchrun only process 0 lowers and writes the .pte; the others are done."""
+    if d.world == 1:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    if not d.main:
+        raise SystemExit(0)

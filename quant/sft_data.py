@@ -1,0 +1,285 @@
+"""Training data for qlora: files or the model's own samples -> fixed-length token windows with a
+mask saying which targets are trained on.
+
+Three file formats, one example per line for the JSONL ones:
+- chat JSONL: {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
+  rendered with the tokenizer's chat template; only the assistant turns are targets;
+- prompt/response JSONL: {"prompt": ..., "response": ...}, i.e. a one-turn chat;
+- plain text (anything that is not JSONL): every token is a target.
+With no file, the BF16 model writes its own training text (data-free, as in LLM-QAT).
+
+Examples are packed end to end and cut into windows of seq_len + 1 tokens (inputs and shifted
+targets), so no compute goes to padding. Preference pairs for DPO are read here too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exporter.errors import PtekitError
+
+SELF_GENERATED = "self"  # `--data self`: generate the training text from the BF16 model
+
+
+@dataclass
+class Example:
+    tokens: list[int]
+    mask: list[bool]  # True where the token is a training target (a response token)
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+@dataclass
+class Windows:
+    tokens: torch.Tensor  # [N, seq_len + 1] int64
+    mask: torch.Tensor  # [N, seq_len + 1] bool; mask[:, 1:] marks the trained targets
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1] - 1
+
+
+def default_text() -> Path:
+    from exporter.defaults import shared_data_dir
+
+    return shared_data_dir() / "wikitext-2-valid-tokens.txt"
+
+
+# --- reading files -----------------------------------------------------------------------------
+
+
+def read_text(path: Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise PtekitError(f"{path}: training data file not found; pass an existing file with --data")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PtekitError(f"{path}: not UTF-8 text (byte {e.start}); training data must be UTF-8 text or JSONL") from None
+    if not text.strip():
+        raise PtekitError(f"{path}: the file is empty; give text or JSONL examples to train on")
+    return text
+
+
+def is_jsonl(path: Path, text: str) -> bool:
+    if path.suffix in (".jsonl", ".json"):
+        return True
+    first = next(line for line in text.splitlines() if line.strip())
+    return first.lstrip().startswith("{")
+
+
+def jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PtekitError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise PtekitError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        out.append((n, rec))
+    return out
+
+
+def load_examples(path: Path, tok) -> list[Example]:
+    """A training file (chat JSONL, prompt/response JSONL or plain text) -> examples."""
+    path = Path(path)
+    text = read_text(path)
+    if not is_jsonl(path, text):
+        ids = tok.encode(text)
+        return [Example(ids, [True] * len(ids))]
+    examples = []
+    for n, rec in jsonl_records(path, text):
+        if "messages" in rec:
+            messages = rec["messages"]
+        elif "prompt" in rec and "response" in rec:
+            messages = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+        else:
+            raise PtekitError(
+                f"{path}:{n}: unknown record with keys {sorted(rec)}; expected {{\"messages\": [...]}} or "
+                "{\"prompt\": ..., \"response\": ...}"
+            )
+        examples.append(chat_example(messages, tok, f"{path}:{n}"))
+    return examples
+
+
+def _check_messages(messages, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise PtekitError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise PtekitError(f"{where}: every message needs a string \"role\" and a string \"content\"; got {m!r:.80}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise PtekitError(f"{where}: no assistant message, so nothing to train on; add the assistant's reply")
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not tok.chat_template:
+        # No template: a plain transcript, the assistant's turn opened by its role name.
+        body = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return body + ("assistant: " if add_generation_prompt else "")
+    import jinja2
+
+    tmpl = jinja2.Environment().from_string(tok.chat_template)
+    return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token="")
+
+
+def chat_example(messages, tok, where: str) -> Example:
+    """Tokens of the rendered chat; the assistant turns (with their end-of-turn marker) are targets."""
+    _check_messages(messages, where)
+    pieces: list[tuple[str, bool]] = []  # (text, is_target)
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            header = render_chat(tok, messages[:i], add_generation_prompt=True)
+            pieces.append((_suffix(header, done, where), False))
+            done = header
+        cur = render_chat(tok, messages[: i + 1], add_generation_prompt=False)
+        pieces.append((_suffix(cur, done, where), m["role"] == "assistant"))
+        done = cur
+    tokens, mask = [], []
+    if getattr(tok, "add_bos", False) and tok.bos_id is not None:
+        tokens, mask = [tok.bos_id], [False]
+    for text, target in pieces:
+        ids = tok.encode(text)
+        tokens += ids
+        mask += [target] * len(ids)
+    if not tok.chat_template and tok.eos_ids:
+        tokens.append(tok.eos_ids[0])
+        mask.append(True)
+    return Example(tokens, mask)
+
+
+def _suffix(text: str, prefix: str, where: str) -> str:
+    if not text.startswith(prefix):
+        raise PtekitError(
+            f"{where}: the tokenizer's chat template renders this conversation differently turn by turn, "
+            "so its assistant turns cannot be located; give {\"prompt\", \"response\"} records or plain text"
+        )
+    return text[len(prefix):]
+
+
+def load_preferences(path: Path, tok) -> list[PreferencePair]:
+    """JSONL of {"prompt", "chosen", "rejected"} -> token pairs (the prompt in the chat template)."""
+    path = Path(path)
+    text = read_text(path)
+    pairs = []
+    for n, rec in jsonl_records(path, text):
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(rec.get(k), str)]
+        if missing:
+            raise PtekitError(f"{path}:{n}: preference records need string \"prompt\", \"chosen\" and \"rejected\"; "
+                              f"missing or not a string: {', '.join(missing)}")
+        prompt = chat_example([{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": ""}],
+                              tok, f"{path}:{n}")
+        # The prompt is everything before the (empty) assistant reply; each answer is then
+        # rendered as that reply, so chosen and rejected end with the same end-of-turn marker.
+        n_prompt = prompt.mask.index(True) if True in prompt.mask else len(prompt.tokens)
+        answers = []
+        for key in ("chosen", "rejected"):
+            ex = chat_example([{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec[key]}],
+                              tok, f"{path}:{n}")
+            answers.append(ex.tokens[n_prompt:])
+        pairs.append(PreferencePair(prompt.tokens[:n_prompt], *answers))
+    return pairs
+
+
+# --- data-free: the model writes its own training text ------------------------------------------
+
+
+@torch.no_grad()
+def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, batch: int = 16,
+                   greedy_tokens: int = 3, progress: bool = True) -> list[Example]:
+    """LLM-QAT's data-free recipe: a random first token, a few greedy tokens, then sampling.
+
+    Uses the model's eager KV-cache path with a cache of `batch` rows; the caches are removed
+    afterwards so the model trains as before.
+    """
+    from tqdm import tqdm
+
+    cfg = model.config
+    if length > cfg.max_seq_len:
+        raise PtekitError(f"self-generated data: length {length} exceeds the model's max_seq_len {cfg.max_seq_len}; "
+                          "export with a larger --max-seq-len or train on shorter windows")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    out: list[Example] = []
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=n_sequences * length, desc="generating training text", unit="tok", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for first in range(0, n_sequences, batch):
+            b = min(batch, n_sequences - first)
+            for layer in model.layers:
+                shape = (b, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+                layer.attention.k_cache = torch.zeros(shape, device=device)
+                layer.attention.v_cache = torch.zeros(shape, device=device)
+            seq = torch.randint(0, cfg.vocab_size, (b, 1), generator=g)
+            logits = model(seq.to(device), torch.tensor([0], device=device))[:, -1].float().cpu()
+            for pos in range(1, length):
+                if pos <= greedy_tokens:
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+                seq = torch.cat([seq, nxt], 1)
+                bar.update(b)
+                if pos < length - 1:
+                    logits = model(nxt.to(device), torch.tensor([pos], device=device))[:, -1].float().cpu()
+            out += [Example(s.tolist(), [True] * length) for s in seq]
+    finally:
+        for layer in model.layers:
+            layer.attention.k_cache = layer.attention.v_cache = None
+        bar.close()
+        model.train(was_training)
+    return out
+
+
+def save_examples(path: Path, examples: list[Example]) -> None:
+    from exporter.atomic import write_text
+
+    write_text(path, "".join(json.dumps({"tokens": e.tokens, "mask": e.mask}) + "\n" for e in examples))
+
+
+def read_examples(path: Path) -> list[Example]:
+    return [Example(r["tokens"], r["mask"]) for r in map(json.loads, Path(path).read_text().splitlines())]
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+
+def pack(examples: list[Example], seq_len: int, source: str) -> Windows:
+    """End-to-end packing into windows of seq_len + 1 tokens; windows with no target are dropped."""
+    tokens = [t for e in examples for t in e.tokens]
+    mask = [m for e in examples for m in e.mask]
+    n = (len(tokens) - 1) // seq_len
+    if n < 1:
+        raise PtekitError(f"{source}: only {len(tokens)} tokens, fewer than one training window of {seq_len + 1}; "
+                          "give more data or a shorter sequence length")
+    idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)[None, :]
+    t = torch.tensor(tokens, dtype=torch.long)[idx]
+    m = torch.tensor(mask, dtype=torch.bool)[idx]
+    keep = m[:, 1:].any(1)
+    if not keep.any():
+        raise PtekitError(f"{source}: no window holds a response token to train on; check the assistant turns")
+    return Windows(t[keep], m[keep])
+
+
+def check_vocab(windows: Windows, vocab_size: int, source: str) -> None:
+    top = int(windows.tokens.max())
+    if top >= vocab_size:
+        raise PtekitError(f"{source}: token id {top} is outside the model's vocabulary of {vocab_size}; "
+                          "the tokenizer does not belong to this model")

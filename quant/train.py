@@ -1,0 +1,306 @@
+"""The training loop of qlora's rounds: AdamW, warmup then cosine, gradient accumulation, bf16
+autocast where the device has it, a resumable checkpoint every N steps, and data parallelism
+over torch.distributed (DDP; launched with torchrun, NCCL on GPUs, gloo on CPUs).
+
+Loss: cross-entropy on the response tokens, plus distillation (KL from the teacher's
+distribution to the student's) on the same positions when a teacher is given.
+
+Resuming gives the same result as not stopping: the batch of every step is a function of the
+seed and the step number alone, and the checkpoint holds the trained parameters, the optimizer
+and the schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exporter.errors import PtekitError
+from quant.sft_data import Windows
+
+STATE = "state.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    micro_batch: int = 4  # sequences per forward, per process
+    grad_accum: int = 2  # forwards per optimizer step, per process
+    max_grad_norm: float = 1.0
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    checkpoint_every: int = 50
+    autocast: bool | None = None  # None: bf16 autocast on CUDA devices that support bf16
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        # How often to checkpoint does not change the result, so a run may resume with another.
+        d = {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- processes and devices ---------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Joins the process group torchrun describes in the environment; one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return d
+
+
+def resolve_device(device: str, d: Dist) -> torch.device:
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PtekitError(f"--device {device}: no CUDA device is visible to PyTorch; use --device cpu")
+        return torch.device("cuda", d.local_rank if d.world > 1 else torch.cuda.current_device())
+    if device != "cpu":
+        raise PtekitError(f"--device {device}: unknown device; use cpu or cuda")
+    return torch.device("cpu")
+
+
+def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.autocast is not None:
+        return cfg.autocast
+    # On CPUs bf16 matmuls are no faster than fp32 unless the core has AMX, and fp32 keeps
+    # the CPU runs (the tests) bit-reproducible.
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def sample_index(k: int, n: int, seed: int) -> int:
+    """The k-th training sample: epoch after epoch, each a fresh permutation of the n windows."""
+    epoch, i = divmod(k, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return int(perm[i])
+
+
+def micro_batch_ids(n: int, step: int, a: int, cfg: TrainConfig, d: Dist) -> list[int]:
+    """The samples of micro-batch a of this process at `step`. Every step consumes
+    world * grad_accum micro-batches; process r takes those numbered r, r + world, ..., so
+    2 processes x accum 1 see exactly what 1 process x accum 2 sees."""
+    j = step * d.world * cfg.grad_accum + a * d.world + d.rank
+    return [sample_index(j * cfg.micro_batch + b, n, cfg.seed) for b in range(cfg.micro_batch)]
+
+
+def micro_batch(windows: Windows, step: int, a: int, cfg: TrainConfig, d: Dist):
+    ids = micro_batch_ids(len(windows), step, a, cfg, d)
+    return windows.tokens[ids], windows.mask[ids]
+
+
+# --- loss --------------------------------------------------------------------------------------
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, teacher_logits: torch.Tensor | None,
+            cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """CE on masked targets + T^2 * KL(teacher || student) on the same positions."""
+    sel = logits[mask].float()
+    parts = {}
+    loss = torch.zeros((), device=logits.device)
+    if cfg.ce_weight:
+        ce = F.cross_entropy(sel, targets[mask])
+        loss = loss + cfg.ce_weight * ce
+        parts["ce"] = ce.detach()
+    if teacher_logits is not None and cfg.kd_weight:
+        t = cfg.kd_temperature
+        log_p_t = F.log_softmax(teacher_logits[mask].float() / t, -1)
+        log_p_s = F.log_softmax(sel / t, -1)
+        kd = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
+        loss = loss + cfg.kd_weight * kd
+        parts["kd"] = kd.detach()
+    return loss, parts
+
+
+# --- checkpoint --------------------------------------------------------------------------------
+
+
+def _param_names(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    ids = {id(p) for p in params}
+    names, seen = [], set()
+    for name, p in model.named_parameters():  # named_parameters lists a tied weight once
+        if id(p) in ids and id(p) not in seen:
+            names.append(name)
+            seen.add(id(p))
+    return names
+
+
+def save_state(path: Path, model: nn.Module, names: list[str], opt, sched, step: int, fingerprint: str, done: bool):
+    from exporter.atomic import atomic_path
+
+    params = dict(model.named_parameters())
+    state = {"step": step, "done": done, "fingerprint": fingerprint,
+             "params": {n: params[n].detach().cpu() for n in names},
+             "optim": opt.state_dict(), "sched": sched.state_dict()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path, fingerprint: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise PtekitError(f"{path}: cannot read the training checkpoint ({type(e).__name__}); delete it to start "
+                          "this round again") from None
+    if state.get("fingerprint") != fingerprint:
+        raise PtekitError(f"{path}: this checkpoint was written by a run with other settings, data or weights; "
+                          f"delete {path.parent} (or export to another -o) to train afresh")
+    return state
+
+
+def read_done_params(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
+    """The trained parameters of a finished round, or None when it has not finished."""
+    state = load_state(path, fingerprint)
+    return state["params"] if state and state["done"] else None
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def cosine_schedule(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+Objective = Callable[[nn.Module, int, int], tuple[torch.Tensor, dict, int]]
+
+
+def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Objective, cfg: TrainConfig,
+          state_path: Path, fingerprint: str, device: torch.device, d: Dist,
+          on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
+    """Trains `params` of `model` (in place) for cfg.steps steps; resumes from state_path if it
+    holds an unfinished run with the same fingerprint, and only restores the parameters if that
+    run has finished. `objective(forward, step, a)` returns micro-batch a's (loss, parts, tokens)
+    computed through `forward` (the model, or its DDP wrapper). Returns the last step's metrics."""
+    from tqdm import tqdm
+
+    names = _param_names(model, params)
+    trainable = set(id(p) for p in params)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            foreach=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg))
+
+    start = 0
+    state = load_state(state_path, fingerprint)
+    if state is not None:
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["params"].items():
+                named[n].copy_(t)
+        start = state["step"]
+        if state["done"] or start >= cfg.steps:
+            return {"step": start, "resumed": True}
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+
+    fwd = model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = use_autocast(cfg, device)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", disable=not (progress and d.main),
+               dynamic_ncols=True)
+    metrics: dict = {}
+    with torch.enable_grad():
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            tokens_seen, parts_sum, loss_sum = 0, {}, 0.0
+            for a in range(cfg.grad_accum):
+                sync = a == cfg.grad_accum - 1 or d.world == 1
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    with fwd.no_sync() if not sync else contextlib.nullcontext():
+                        loss, parts, n_tokens = objective(fwd, step, a)
+                        (loss / cfg.grad_accum).backward()
+                tokens_seen += n_tokens
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / cfg.grad_accum
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            metrics = {"step": step + 1, "loss": loss_sum, **parts_sum, "lr": sched.get_last_lr()[0],
+                       "tok_s": tokens_seen * d.world / dt}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "step"}, refresh=False)
+            bar.update(1)
+            done = step + 1 == cfg.steps
+            if d.main and (done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
+                save_state(state_path, model, names, opt, sched, step + 1, fingerprint, done)
+            if on_step is not None:
+                on_step(step + 1, metrics)
+    bar.close()
+    model.eval()
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return metrics
+
+
+def sft_objective(windows: Windows, cfg: TrainConfig, d: Dist, device: torch.device,
+                  teacher: nn.Module | None) -> Objective:
+    """Next-token CE on the response targets (+ distillation from `teacher`), one micro-batch."""
+
+    def objective(fwd: nn.Module, step: int, a: int):
+        tokens, mask = micro_batch(windows, step, a, cfg, d)
+        tokens, mask = tokens.to(device), mask.to(device)
+        inp, tgt, m = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+        teacher_logits = None
+        if teacher is not None and cfg.kd_weight:
+            with torch.no_grad():
+                teacher_logits = teacher(inp)
+        loss, parts = loss_fn(fwd(inp), tgt, m, teacher_logits, cfg)
+        return loss, parts, inp.numel()
+
+    return objective

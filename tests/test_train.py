@@ -1,0 +1,158 @@
+"""qlora's training loop in real processes: a run killed midway resumes to the same result, and two
+processes over torch.distributed (gloo, CPU) train what one process with the same global batch
+trains. A 2-layer model with a 512-token vocabulary and self-generated data keeps each run to
+seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cached_dir, write_tiny_hf
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Runs quant.qlora.quantize on a checkpoint. With HANG=round:step it stops dead (sleeps) right
+# after writing that round's checkpoint at that step, so the test can kill it there.
+CHILD = r"""
+import json, os, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from exporter.checkpoint import build_model, load_checkpoint
+from quant.method import MethodInputs
+import quant.train as T
+import quant.qlora as Q
+
+ckpt, work, options = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+hang = os.environ.get("HANG")
+if hang:
+    round_name, at = hang.split(":")
+    save = T.save_state
+    def save_then_hang(path, model, names, opt, sched, step, *rest):
+        save(path, model, names, opt, sched, step, *rest)
+        if path.parent.name == round_name and step == int(at):
+            (work / "hanging").touch()
+            time.sleep(600)
+    T.save_state = save_then_hang
+model = build_model(load_checkpoint(ckpt), max_seq_len=64)
+Q.quantize(model, MethodInputs(work_dir=work, calibration=Path("self"), options=options))
+"""
+
+OPTIONS = dict(qat_steps=4, lora_steps=4, seq_len=32, micro_batch=2, grad_accum=2, checkpoint_every=1,
+               gen_sequences=8, warmup_steps=1, lr=1e-3, lora_lr=1e-2, progress=False)
+
+
+def run_child(tmp: Path, ckpt: Path, work: Path, options: dict, hang: str | None = None, nproc: int = 1):
+    script = tmp / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("HANG", None)
+    if hang:
+        env["HANG"] = hang
+    cmd = [sys.executable, str(script), str(ckpt), str(work), json.dumps(options)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=600) -> None:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def trained(work: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(work / "trained" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny512(smollm2_hf) -> Path:
+    return cached_dir("tiny-hf-v512", lambda d: write_tiny_hf(d, smollm2_hf, vocab_size=512))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny512, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    finish(run_child(tmp, tiny512, tmp / "work", OPTIONS))
+    return tmp / "work"
+
+
+@pytest.mark.parametrize("round_name", ["qat", "lora"])
+def test_killed_run_resumes_to_the_same_result(tiny512, reference, tmp_path, round_name):
+    work = tmp_path / "work"
+    proc = run_child(tmp_path, tiny512, work, OPTIONS, hang=f"{round_name}:2")
+    deadline = time.time() + 300
+    while not (work / "hanging").exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "the child never reached step 2"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(work / round_name / "state.pt", weights_only=True)
+    assert state["step"] == 2 and not state["done"]
+    assert not (work / "trained").exists()
+
+    (work / "hanging").unlink()
+    finish(run_child(tmp_path, tiny512, work, OPTIONS))
+    ours, ref = trained(work), trained(reference)
+    assert ours.keys() == ref.keys() and any(".lora_a." in k for k in ours)
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+
+
+def test_two_processes_over_gloo_match_one_process(tiny512, reference, tmp_path):
+    # 2 processes x 1 micro-batch per step see exactly the reference's 1 process x 2.
+    work = tmp_path / "work"
+    finish(run_child(tmp_path, tiny512, work, {**OPTIONS, "grad_accum": 1}, nproc=2))
+    ours, ref = trained(work), trained(reference)
+    assert ours.keys() == ref.keys()
+    init = build_initial(tiny512)
+    moved = 0.0
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], atol=2e-5, rtol=1e-4)
+        if k in init:
+            moved = max(moved, (ref[k] - init[k]).abs().max().item())
+    assert moved > 1e-3  # training changed the weights, so the agreement says something
+
+
+def build_initial(ckpt: Path) -> dict[str, torch.Tensor]:
+    from exporter.checkpoint import build_model, load_checkpoint
+
+    return {k: v for k, v in build_model(load_checkpoint(ckpt), max_seq_len=64).state_dict().items()}
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    from quant.train import TrainConfig, cosine_schedule
+
+    f = cosine_schedule(TrainConfig(steps=20, warmup_steps=4))
+    lrs = [f(s) for s in range(21)]
+    assert lrs[0] < lrs[1] < lrs[3] < lrs[4] == 1.0
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[20] == pytest.approx(0.0)
+
+
+def test_distillation_is_zero_against_itself_and_ce_only_on_targets():
+    from quant.train import TrainConfig, loss_fn
+
+    logits = torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 2:] = True
+    loss, parts = loss_fn(logits, targets, mask, logits.clone(), TrainConfig())
+    assert parts["kd"].abs().item() < 1e-6
+    expected = torch.nn.functional.cross_entropy(logits[0, 2:], targets[0, 2:])
+    torch.testing.assert_close(parts["ce"], expected)
+    logits2 = logits.clone()
+    logits2[1] += torch.randn(5, 11) * 10  # positions outside the mask do not count
+    _, parts2 = loss_fn(logits2, targets, mask, logits, TrainConfig())
+    assert parts2["kd"].abs().item() < 1e-6
