@@ -117,7 +117,15 @@ def info(model: Path = typer.Argument(..., help="A .pte file.")):
     typer.echo(json.dumps(describe(model), indent=2))
 
 
+from android_runner.cli import bench as _bench  # noqa: E402  (the command lives with the harness)
+
+app.command("bench")(_bench)
+
+
 def main():
+    from exporter.quiet import quiet_libraries
+
+    quiet_libraries()
     try:
         app()
     except PtekitError as e:
