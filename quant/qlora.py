@@ -70,7 +70,7 @@ class QLoRASettings:
         for key, v in inputs.options.items():
             if key not in fields:
                 raise PtekitError(f"qlora: unknown option {key!r}; known options: {', '.join(fields)}")
-            values[key] = _coerce(key, v, cls.__dataclass_fields__[key].default)
+            values[key] = _coerce(key, v, fields[key].type)
         s = cls(**values)
         for key in ("rank", "qat_steps", "seq_len", "micro_batch", "grad_accum"):
             if getattr(s, key) < 1:
@@ -84,18 +84,19 @@ class QLoRASettings:
                            autocast=self.autocast, seed=seed)
 
 
-def _coerce(key: str, v, default):
-    """CLI options arrive as strings; give them the type of the default."""
-    if not isinstance(v, str) or default is None or isinstance(default, str):
+def _coerce(key: str, v, annotation: str):
+    """CLI options arrive as strings; give them the field's type ("bool | None" -> bool)."""
+    kind = annotation.split("|")[0].strip()
+    if not isinstance(v, str) or kind == "str":
         return v
+    if kind == "bool":
+        if v.lower() not in ("true", "false", "1", "0"):
+            raise PtekitError(f"qlora: option {key}={v!r} is not true or false")
+        return v.lower() in ("true", "1")
     try:
-        if isinstance(default, bool):
-            if v.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(v)
-            return v.lower() in ("true", "1")
-        return type(default)(v)
+        return {"int": int, "float": float}[kind](v)
     except ValueError:
-        raise PtekitError(f"qlora: option {key}={v!r} is not a valid {type(default).__name__}") from None
+        raise PtekitError(f"qlora: option {key}={v!r} is not a valid {kind}") from None
 
 
 def _hash(*parts) -> str:

@@ -1,0 +1,284 @@
+"""The qlora method: QAT fake-quantizes exactly as the scheme converts, the adapters stay a float
+path through lowering, the real export runs end to end, and the training data parses (or fails
+with one line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from exporter.checkpoint import Checkpoint, build_model, random_checkpoint
+from exporter.config import ModelConfig
+from exporter.errors import PtekitError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_model(vocab=512, tie=True, seed=0):
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=vocab,
+                      tie_embeddings=tie, max_seq_len=64)
+    return build_model(Checkpoint(cfg, random_checkpoint(cfg, seed=seed), None, [], "meta"))
+
+
+# --- QAT == the scheme -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fake_quantization_is_the_converted_quantization(tie):
+    """Same integers, same scales, same logits: what training saw is what the device gets."""
+    import copy
+
+    from quant import qat
+    from quant.ptq import apply_scheme
+
+    model = small_model(tie=tie)
+    with torch.no_grad():  # stand-in for training: weights no longer the checkpoint's
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    qat.prepare(model)
+    tokens = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        fake_logits = model(tokens)
+    fake = qat.fake_quantized_weights(model)
+    assert len(fake) == 2 * 7 + 2  # every block linear, the classifier, the embedding
+
+    converted = apply_scheme(qat.convert(copy.deepcopy(model)))
+    for name, w in fake.items():
+        fq = model.get_submodule(name).weight_fake_quantizer
+        mod = converted.get_submodule(name)
+        if name == "tok_embeddings":
+            scale, ints = mod.scales, mod.weight
+            assert torch.equal(fq.scale.reshape(-1), scale)
+            assert torch.equal(torch.round(w / scale[:, None]).to(torch.int8), ints)
+            continue
+        t = mod.weight
+        assert type(t).__name__ == "IntxUnpackedToInt8Tensor", name
+        assert torch.equal(fq.scale.reshape(t.scale.shape), t.scale), name
+        group = t.qdata.shape[1] // t.scale.shape[1]
+        ints = torch.round(w.reshape(*t.scale.shape, group) / t.scale[..., None]).reshape(t.qdata.shape)
+        assert torch.equal(ints.to(torch.int8), t.qdata), name
+        assert torch.equal(t.dequantize(), w), name
+    with torch.no_grad():
+        assert torch.equal(converted(tokens), fake_logits)
+
+
+def test_adapters_wrap_block_linears_and_the_scheme_skips_them():
+    from quant import lora, scheme
+    from quant.ptq import apply_scheme
+
+    model = small_model()
+    lora.add_lora(model, rank=4, scale=2.0)
+    names = sorted(scheme.block_linears(model))
+    assert len(names) == 2 * 7 and all(n.endswith(".base") for n in names)
+    assert "layers.0.attention.wq.base" in names
+    assert lora.lora_parameter_count(model) == 2 * 4 * (4 * 64 + 2 * 64 + 2 * 32 + 3 * (64 + 128))
+    tokens = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        before = model(tokens)
+        apply_scheme(model)
+        assert torch.equal(before, small_model()(tokens))  # B starts at zero: the base model, unchanged
+    wq = model.layers[0].attention.wq
+    assert type(wq.base.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert type(wq.lora_a.weight) is torch.nn.Parameter and wq.lora_a.weight.dtype == torch.float32
+
+
+# --- the real export ---------------------------------------------------------------------------
+
+EXPORT_OPTIONS = dict(qat_steps=2, lora_steps=2, seq_len=64, micro_batch=2, grad_accum=1, warmup_steps=0,
+                      lora_lr=0.05, progress=False)  # a large adapter lr so the branch is far from zero
+
+
+@pytest.fixture(scope="module")
+def qlora_export(tiny_hf, wikitext_valid, tmp_path_factory):
+    from exporter.pipeline import export
+
+    out = tmp_path_factory.mktemp("qlora")
+    return export(tiny_hf, out, "qlora", max_seq_len=256, calibration=wikitext_valid, options=EXPORT_OPTIONS)
+
+
+def test_pte_logits_match_eager_converted_model_with_float_adapters(qlora_export, tiny_hf, tiny_ptq_pte,
+                                                                    wikitext_valid, monkeypatch):
+    import quant.qlora as qlora
+    from exporter.checkpoint import load_checkpoint
+    from exporter.runtime import PteModel
+    from quant import lora
+    from quant.method import MethodInputs
+
+    out = qlora_export.out_dir
+    assert qlora_export.manifest["method"] == "qlora"
+    meta = json.loads((out / "qlora-work" / "trained" / "qlora.json").read_text())
+    assert meta["lora"] == {"rank": 16, "scale": 2.0}
+
+    # Lowering can be rerun from the saved weights: the same inputs rebuild the model, no training.
+    monkeypatch.setattr(qlora, "train", lambda *a, **k: pytest.fail("trained again instead of loading"))
+    inputs = MethodInputs(work_dir=out / "qlora-work", calibration=wikitext_valid, options=EXPORT_OPTIONS)
+    eager = qlora.quantize(build_model(load_checkpoint(tiny_hf), max_seq_len=256), inputs).eval()
+
+    tokens = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = eager(tokens)[0]
+        for m in lora.lora_modules(eager).values():
+            m.lora_b.weight.zero_()
+        without_adapters = eager(tokens)[0]
+    pte = PteModel(qlora_export.pte)
+    # forward returns the last position's logits (what the phone samples from): one prefill per length.
+    lengths = [1, 7, 16, 31, 48]
+    got = torch.stack([pte.forward(tokens[0, :n].tolist(), 0) for n in lengths])
+    want = want[[n - 1 for n in lengths]]
+    without_adapters = without_adapters[[n - 1 for n in lengths]]
+    span = (want.max() - want.min()).item()
+    err = (got - want).abs().max().item()
+    assert err < 0.02 * span
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.8
+    # The adapters change the logits by far more than the .pte's error: the .pte computes them.
+    assert (without_adapters - want).abs().max().item() > 5 * err
+
+    # They are stored as fp32, 4 bytes a weight (8da4w would take about 0.6), beside the same model's
+    # ptq export (which also holds the few KB of forward_all_logits).
+    n_lora = lora.lora_parameter_count(eager)
+    grown = qlora_export.pte.stat().st_size - tiny_ptq_pte.stat().st_size
+    assert 4 * n_lora - 16 * 1024 <= grown < 4 * n_lora + 64 * 1024, (grown, n_lora)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_hf):
+    from exporter.tokenizer import Tokenizer
+
+    return Tokenizer(smollm2_hf / "tokenizer.json")
+
+
+def targets_text(tok, ex) -> str:
+    return tok.decode([t for t, m in zip(ex.tokens, ex.mask) if m])
+
+
+def test_chat_jsonl_trains_on_assistant_turns_only(tok, tmp_path):
+    from quant.sft_data import load_examples
+
+    f = tmp_path / "chat.jsonl"
+    conv = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                         {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"},
+                         {"role": "assistant", "content": "Rome."}]}
+    f.write_text(json.dumps(conv) + "\n\n" + json.dumps({"prompt": "2+2?", "response": "4"}) + "\n")
+    chat, pr = load_examples(f, tok)
+    assert targets_text(tok, chat) == "Paris.<|im_end|>\nRome.<|im_end|>\n"
+    assert tok.decode(chat.tokens).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital")
+    assert targets_text(tok, pr) == "4<|im_end|>\n"
+    assert "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" in tok.decode(pr.tokens)
+
+
+def test_plain_text_trains_on_every_token_and_packs_into_windows(tok, tmp_path):
+    from quant.sft_data import load_examples, pack
+
+    f = tmp_path / "text.txt"
+    f.write_text("\ufeff" + "The quick brown fox jumps over the lazy dog. " * 40)
+    [ex] = load_examples(f, tok)
+    assert all(ex.mask) and tok.decode(ex.tokens).startswith("The quick")
+    w = pack([ex], 16, str(f))
+    assert w.tokens.shape == (w.tokens.shape[0], 17) and len(w) == (len(ex.tokens) - 1) // 16
+    assert w.tokens[0, -1] == w.tokens[1, 0] == ex.tokens[16]  # windows overlap by the shifted target
+
+
+def test_preference_pairs_share_the_prompt(tok, tmp_path):
+    from quant.sft_data import load_preferences
+
+    f = tmp_path / "prefs.jsonl"
+    f.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}) + "\n")
+    [p] = load_preferences(f, tok)
+    assert tok.decode(p.prompt).endswith("<|im_start|>assistant\n")
+    assert tok.decode(p.chosen) == "Hello!<|im_end|>\n" and tok.decode(p.rejected) == "Go away.<|im_end|>\n"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("a.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', "a.jsonl:1: no assistant message"),
+        ("b.jsonl", '{"prompt": "x", "response": "y"}\n{"prompt": "x", \n', "b.jsonl:2: not valid JSON"),
+        ("c.jsonl", '{"text": "hello"}\n', "c.jsonl:1: unknown record with keys ['text']"),
+        ("d.jsonl", '{"messages": [{"role": "user"}]}\n', "d.jsonl:1: every message needs a string"),
+        ("e.jsonl", '[1, 2]\n', "e.jsonl:1: expected a JSON object"),
+        ("f.txt", "   \n\n", "f.txt: the file is empty"),
+        ("g.txt", b"\xff\xfe\x00bad", "g.txt: not UTF-8 text"),
+        ("h.txt", "too short", "fewer than one training window"),
+    ],
+)
+def test_bad_data_is_one_clear_error(tok, tmp_path, name, content, message):
+    from quant.sft_data import load_examples, pack
+
+    f = tmp_path / name
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(PtekitError) as e:
+        pack(load_examples(f, tok), 64, str(f))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_data_is_one_line(tiny_hf, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "response": "y"}\nnot json\n')
+    r = subprocess.run([sys.executable, "-m", "exporter.cli", "export", str(tiny_hf), "-o", str(tmp_path / "o"),
+                        "--method", "qlora", "--data", str(bad)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "bad.jsonl:2: not valid JSON" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_option_is_one_clear_error(tmp_path):
+    from quant.method import MethodInputs
+    from quant.qlora import QLoRASettings
+
+    with pytest.raises(PtekitError, match="unknown option 'rnak'"):
+        QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"rnak": 8}))
+    s = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, steps=7, options={"rank": "8", "autocast": "false"}))
+    assert (s.rank, s.autocast, s.qat_steps, s.lora_steps) == (8, False, 7, 7)
+
+
+# --- data-free and DPO -------------------------------------------------------------------------
+
+
+def test_self_generated_data_is_the_models_own_text():
+    from quant.sft_data import self_generated
+
+    model = small_model()
+    a = self_generated(model, None, n_sequences=3, length=20, seed=1, batch=2, progress=False)
+    b = self_generated(model, None, n_sequences=3, length=20, seed=1, batch=2, progress=False)
+    assert [e.tokens for e in a] == [e.tokens for e in b] and all(len(e.tokens) == 20 for e in a)
+    assert all(layer.attention.k_cache is None for layer in model.layers)
+    # The greedy tokens after the random first one are the model's own argmax continuation.
+    seq = torch.tensor([a[0].tokens[:2]])
+    with torch.no_grad():
+        assert int(model(seq[:, :1])[0, -1].argmax()) == a[0].tokens[1]
+
+
+def test_dpo_prefers_the_chosen_answers():
+    from quant import dpo
+    from quant.sft_data import PreferencePair
+    from quant.train import Dist, TrainConfig, train
+
+    model = small_model()
+    g = torch.Generator().manual_seed(0)
+    pairs = [PreferencePair(torch.randint(0, 512, (6,), generator=g).tolist(),
+                            torch.randint(0, 512, (4,), generator=g).tolist(),
+                            torch.randint(0, 512, (5,), generator=g).tolist()) for _ in range(4)]
+    reference = small_model()
+    cfg = TrainConfig(steps=6, lr=1e-3, warmup_steps=0, micro_batch=4, grad_accum=1, checkpoint_every=0)
+    objective = dpo.objective(pairs, reference, cfg, Dist(), torch.device("cpu"), beta=0.1, max_len=32)
+    with torch.no_grad():
+        first, parts, _ = objective(model, 0, 0)
+    assert first.item() == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        train("dpo", model, list(model.parameters()), objective, cfg, Path(d) / "state.pt", "x",
+              torch.device("cpu"), Dist(), progress=False)
+    with torch.no_grad():
+        last, parts, _ = objective(model, 0, 0)
+    assert last.item() < 0.5 and parts["acc"].item() == 1.0
