@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -49,12 +50,16 @@ def export_llama(checkpoint: str, out_dir: Path, max_seq_len: int, bos_id: int, 
            "--metadata", json.dumps({"get_bos_id": bos_id, "get_eos_ids": eos_ids}),
            "--output-dir", str(out_dir), "--output_name", "export_llama.pte"]
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"export_llama failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     pte = out_dir / "export_llama.pte"
-    return {"pte": str(pte), "bytes": pte.stat().st_size, "seconds": round(seconds, 1), "command": " ".join(cmd)}
+    return {"pte": str(pte), "bytes": pte.stat().st_size, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "command": " ".join(cmd)}
 
 
 def main():

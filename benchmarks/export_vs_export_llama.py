@@ -1,0 +1,113 @@
+"""ptekit export against ExecuTorch's export_llama, side by side in one run on one checkpoint.
+
+Wall time of each export (as whole processes), the two .pte sizes, and prefill/decode tokens/s of
+both files through the same runtime (ExecuTorch's pybindings on this machine, greedy, a 64-token
+prompt of real WikiText-2 text, 128 decoded tokens, median of N runs after one warm-up).
+
+    python -m benchmarks.export_vs_export_llama [--checkpoint smollm2-135m] [--out out/vs-export-llama]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of a whole child process."""
+    t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - t0, (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+
+
+def speed(pte_path: Path, prompt: list[int], gen: int, runs: int) -> dict:
+    from exporter.runtime import PteModel
+
+    pte = PteModel(pte_path)
+    prefill, decode = [], []
+    for i in range(runs + 1):
+        t0 = time.perf_counter()
+        logits = pte.forward(prompt, 0)
+        t1 = time.perf_counter()
+        pos = len(prompt)
+        for _ in range(gen):
+            logits = pte.forward([int(logits.argmax())], pos)
+            pos += 1
+        t2 = time.perf_counter()
+        if i:  # the first run warms caches and XNNPACK's weight packing
+            prefill.append(len(prompt) / (t1 - t0))
+            decode.append(gen / (t2 - t1))
+    return {"prefill_tok_s": round(statistics.median(prefill), 1), "decode_tok_s": round(statistics.median(decode), 1),
+            "prefill_all": [round(x, 1) for x in prefill], "decode_all": [round(x, 1) for x in decode]}
+
+
+def prompt_tokens(tokenizer_path: Path, n: int) -> list[int]:
+    from exporter.defaults import shared_data_dir
+    from exporter.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    text = (shared_data_dir() / "wikitext-2-raw-test.txt").read_text()[:20000]
+    ids = tok.encode(text)[:n]
+    assert len(ids) == n
+    return ids
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="smollm2-135m")
+    ap.add_argument("--out", type=Path, default=Path("out/vs-export-llama"))
+    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--export-llama-result", type=Path, default=None,
+                    help="reuse a finished export_llama run (its JSON from benchmarks.export_llama_peer) instead of exporting again")
+    a = ap.parse_args()
+    from benchmarks.export_llama_peer import export_llama
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    ours_dir = a.out / "ptekit"
+    ours_cmd = [sys.executable, "-m", "exporter.cli", "export", a.checkpoint, "-o", str(ours_dir), "--method", "ptq",
+                "--max-seq-len", str(a.max_seq_len), "--quiet"]
+    ours_s, ours_cpu = timed(ours_cmd)
+    man = json.loads((ours_dir / "manifest.json").read_text())
+    if a.export_llama_result:
+        peer = json.loads(a.export_llama_result.read_text())
+    else:
+        peer = export_llama(a.checkpoint, a.out / "export_llama", a.max_seq_len, man["lowering"]["bos_id"],
+                            man["lowering"]["eos_ids"])
+    prompt = prompt_tokens(ours_dir / man["tokenizer"], 64)
+    result = {
+        "checkpoint": a.checkpoint, "max_seq_len": a.max_seq_len,
+        "ptekit": {"export_s": round(ours_s, 1), "export_cpu_s": round(ours_cpu, 1), "bytes": (ours_dir / "model.pte").stat().st_size,
+                   "command": " ".join(ours_cmd[2:]), **speed(ours_dir / "model.pte", prompt, a.gen, a.runs)},
+        "export_llama": {"export_s": peer["seconds"], "export_cpu_s": peer.get("cpu_seconds"), "bytes": peer["bytes"], "command": peer["command"],
+                         **speed(Path(peer["pte"]), prompt, a.gen, a.runs)},
+    }
+    p, e = result["ptekit"], result["export_llama"]
+    result["ratios"] = {"export_time_speedup": round(e["export_s"] / p["export_s"], 2),
+                        "export_cpu_speedup": round(e["export_cpu_s"] / p["export_cpu_s"], 2) if e["export_cpu_s"] else None,
+                        "size": round(p["bytes"] / e["bytes"], 3),
+                        "decode": round(p["decode_tok_s"] / e["decode_tok_s"], 3),
+                        "prefill": round(p["prefill_tok_s"] / e["prefill_tok_s"], 3)}
+    (a.out / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"{'':14s}{'export s':>10s}{'cpu s':>8s}{'MB':>9s}{'prefill tok/s':>15s}{'decode tok/s':>14s}")
+    for name in ("ptekit", "export_llama"):
+        r = result[name]
+        print(f"{name:14s}{r['export_s']:>10.1f}{r['export_cpu_s'] or 0:>8.1f}{r['bytes'] / 1e6:>9.1f}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.1f}")
+    print(json.dumps(result["ratios"]))
+
+
+if __name__ == "__main__":
+    main()
