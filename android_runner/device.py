@@ -1,0 +1,291 @@
+"""Where a benchmark runs: a phone over adb, or this machine, behind one interface.
+
+A device has a work directory; files go in with push, commands run with shell (an argv whose
+every element is shell-quoted, because `adb shell` hands one string to the phone's sh), results
+come back with pull, and close removes the work directory. Nothing else differs between the two,
+so the same scripts measure both.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.errors import PtekitError
+
+REMOTE_DIR = "/data/local/tmp/ptekit"
+RECONNECT_WAIT_S = 10.0
+
+
+def shell_join(argv: list) -> str:
+    """One command line in which every argument survives the remote sh unchanged."""
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+@dataclass
+class ShellResult:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class Device:
+    kind = "device"
+    name = "device"
+    workdir = ""
+
+    def open(self) -> None:
+        """Checks the device and makes an empty work directory."""
+        raise NotImplementedError
+
+    def push(self, local: Path, name: str | None = None) -> str:
+        """Copies a local file into the work directory; returns its path there."""
+        raise NotImplementedError
+
+    def shell(self, argv: list, timeout: float | None = None, what: str = "a command") -> ShellResult:
+        """Runs argv in the device's sh. A transport failure raises; the command's own exit status
+        is returned, so the caller can fetch its output before judging it."""
+        raise NotImplementedError
+
+    def pull(self, remote: str, local_dir: Path) -> Path:
+        """Copies a file or directory from the device into local_dir; returns the local path."""
+        raise NotImplementedError
+
+    def close(self) -> str | None:
+        """Removes the work directory; returns a note when it could not."""
+        raise NotImplementedError
+
+    def path(self, name: str) -> str:
+        return f"{self.workdir}/{name}"
+
+
+class LocalDevice(Device):
+    """This machine: a temporary work directory, commands through sh -c."""
+
+    kind = "local"
+    name = "local"
+
+    def open(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="ptekit-bench-")
+
+    def push(self, local: Path, name: str | None = None) -> str:
+        dest = self.path(name or Path(local).name)
+        try:
+            # A symlink, not a copy: the runtime opens the same file either way, and a bf16 .pte
+            # is large.
+            os.symlink(Path(local).resolve(), dest)
+        except OSError:
+            shutil.copy(local, dest)
+        return dest
+
+    def shell(self, argv: list, timeout: float | None = None, what: str = "a command") -> ShellResult:
+        try:
+            p = subprocess.run(["sh", "-c", shell_join(argv)], capture_output=True, text=True, timeout=timeout,
+                               errors="replace")
+        except subprocess.TimeoutExpired:
+            raise PtekitError(f"{what} did not finish within {timeout:.0f} s on this machine; raise --timeout") from None
+        return ShellResult(p.returncode, p.stdout, p.stderr)
+
+    def pull(self, remote: str, local_dir: Path) -> Path:
+        src, dest = Path(remote), Path(local_dir) / Path(remote).name
+        if not src.exists():
+            raise PtekitError(f"{remote}: not found in the work directory")
+        shutil.copytree(src, dest) if src.is_dir() else shutil.copy(src, dest)
+        return dest
+
+    def close(self) -> str | None:
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return None
+
+
+def find_adb() -> str:
+    """$ADB, else adb on PATH."""
+    env = os.environ.get("ADB")
+    if env:
+        if not (os.path.isfile(env) and os.access(env, os.X_OK)):
+            raise PtekitError(f"$ADB={env}: not an executable file; point ADB at platform-tools' adb or unset it")
+        return env
+    found = shutil.which("adb")
+    if not found:
+        raise PtekitError("adb not found: install Android platform-tools and put adb on PATH (or set ADB=/path/to/adb), "
+                          "or bench this machine with --device local")
+    return found
+
+
+def parse_devices(text: str) -> dict[str, str]:
+    """`adb devices` -> {serial: state}."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("List of devices", "*")):
+            continue
+        parts = line.split()
+        if len(parts) >= 2:
+            out[parts[0]] = parts[1]
+    return out
+
+
+def state_problem(serial: str, state: str | None, attached: dict[str, str]) -> str | None:
+    """A one-line reason why this device cannot be used, or None when it can."""
+    others = ", ".join(f"{s} ({st})" for s, st in attached.items()) or "none"
+    if state is None:
+        return f"device {serial} not found (attached: {others}); check the serial in `adb devices`"
+    if state == "unauthorized":
+        return (f"device {serial} is unauthorized: unlock the phone and accept the 'Allow USB debugging?' prompt, "
+                "then re-run")
+    if state == "offline":
+        return f"device {serial} is offline: unplug and replug it (or run `adb reconnect`), then re-run"
+    if state != "device":
+        return f"device {serial} is in state '{state}', not 'device'; boot it normally with USB debugging on"
+    return None
+
+
+class AdbDevice(Device):
+    """An Android phone over adb; the work directory is /data/local/tmp/ptekit."""
+
+    kind = "adb"
+
+    def __init__(self, serial: str | None = None, adb: str | None = None, workdir: str = REMOTE_DIR,
+                 reconnect_wait_s: float = RECONNECT_WAIT_S):
+        self.adb = adb or find_adb()
+        self.serial = serial
+        self.workdir = workdir
+        self.reconnect_wait_s = reconnect_wait_s
+        self.lost = False
+        self.touched = False  # whether anything may have been written to the device
+
+    @property
+    def name(self) -> str:
+        return f"adb:{self.serial}" if self.serial else "adb"
+
+    def _run(self, args: list[str], timeout: float | None = 60, serial: bool = True) -> subprocess.CompletedProcess:
+        cmd = [self.adb] + (["-s", self.serial] if serial and self.serial else []) + args
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="replace")
+        except FileNotFoundError:
+            raise PtekitError(f"{self.adb}: cannot run adb; reinstall platform-tools or set ADB=/path/to/adb") from None
+
+    def devices(self) -> dict[str, str]:
+        p = self._run(["devices"], serial=False)
+        if p.returncode != 0:
+            raise PtekitError(f"`adb devices` failed ({_last_line(p)}); try `adb kill-server` and re-run")
+        return parse_devices(p.stdout)
+
+    def open(self) -> None:
+        attached = self.devices()
+        if self.serial is None:
+            if not attached:
+                raise PtekitError("no Android device attached (`adb devices` lists none): connect the phone over USB "
+                                  "with USB debugging on (Settings > Developer options), or use --device local")
+            if len(attached) > 1:
+                raise PtekitError(f"several devices attached ({', '.join(attached)}): choose one with --device SERIAL")
+            self.serial = next(iter(attached))
+        problem = state_problem(self.serial, attached.get(self.serial), attached)
+        if problem:
+            raise PtekitError(problem)
+        # Whatever an interrupted earlier run left behind goes first.
+        self.touched = True
+        self.shell(["rm", "-rf", self.workdir], what="cleaning the work directory")
+        self._check(self.shell(["mkdir", "-p", self.workdir], what="creating the work directory"), "creating the work directory")
+
+    def _why_failed(self, what: str, p) -> PtekitError:
+        """Classifies an adb failure: the device's state first (gone, offline, unauthorized), then
+        the message (storage full), then the message itself."""
+        text = (p.stderr or "") + (p.stdout or "")
+        try:
+            attached = self.devices()
+        except PtekitError:
+            attached = {}
+        state = attached.get(self.serial)
+        if state is None:
+            self.lost = True
+            return PtekitError(f"device {self.serial} disconnected during {what}: reconnect it and re-run")
+        if state != "device":
+            self.lost = True
+            return PtekitError(f"during {what}: " + state_problem(self.serial, state, attached))
+        if "No space left on device" in text:
+            return PtekitError(f"device {self.serial}: storage full during {what} into {self.workdir}; "
+                               "free space on the phone (Settings > Storage) and re-run")
+        return PtekitError(f"adb failed during {what} on {self.serial}: {_last_line(p)}")
+
+    def _check(self, r: ShellResult, what: str) -> ShellResult:
+        if r.rc != 0:
+            raise self._why_failed(what, r)
+        return r
+
+    def push(self, local: Path, name: str | None = None) -> str:
+        local = Path(local)
+        dest = self.path(name or local.name)
+        what = f"pushing {local.name} ({local.stat().st_size / 1e6:.1f} MB)"
+        p = self._run(["push", str(local), dest], timeout=None)
+        if p.returncode != 0:
+            raise self._why_failed(what, p)
+        return dest
+
+    def shell(self, argv: list, timeout: float | None = None, what: str = "a command") -> ShellResult:
+        try:
+            p = self._run(["shell", shell_join(argv)], timeout=timeout)
+        except subprocess.TimeoutExpired:
+            err = self._why_failed(what, subprocess.CompletedProcess([], 1, "", ""))
+            if self.lost:
+                raise err from None
+            raise PtekitError(f"{what} did not finish within {timeout:.0f} s on {self.serial}; raise --timeout") from None
+        # adb itself failing (device gone) and the remote command failing both give a non-zero
+        # status; only the first is decided here, by asking adb about the device.
+        if p.returncode != 0:
+            attached = self._quiet_devices()
+            if attached.get(self.serial) != "device":
+                raise self._why_failed(what, p)
+        return ShellResult(p.returncode, p.stdout, p.stderr)
+
+    def _quiet_devices(self) -> dict[str, str]:
+        try:
+            return self.devices()
+        except PtekitError:
+            return {}
+
+    def pull(self, remote: str, local_dir: Path) -> Path:
+        p = self._run(["pull", remote, str(local_dir)], timeout=300)
+        if p.returncode != 0:
+            raise self._why_failed(f"pulling {remote}", p)
+        return Path(local_dir) / Path(remote).name
+
+    def close(self) -> str | None:
+        if not self.touched:
+            return None
+        if self.lost:
+            # A phone that dropped off the bus usually comes back within seconds.
+            try:
+                self._run(["wait-for-device"], timeout=self.reconnect_wait_s)
+            except subprocess.TimeoutExpired:
+                pass
+            if self._quiet_devices().get(self.serial) != "device":
+                return (f"{self.workdir} may remain on {self.serial} (it did not come back within "
+                        f"{self.reconnect_wait_s:.0f} s); the next `ptekit bench` removes it")
+            self.lost = False
+        try:
+            p = self._run(["shell", shell_join(["rm", "-rf", self.workdir])], timeout=60)
+        except subprocess.TimeoutExpired:
+            return f"removing {self.workdir} on {self.serial} timed out; the next `ptekit bench` removes it"
+        if p.returncode != 0:
+            return f"could not remove {self.workdir} on {self.serial} ({_last_line(p)}); the next `ptekit bench` removes it"
+        self.touched = False
+        return None
+
+
+def _last_line(p) -> str:
+    lines = [line.strip() for line in ((p.stderr or "") + "\n" + (p.stdout or "")).splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit {p.returncode}"
+
+
+def open_device(spec: str | None) -> Device:
+    """'local' -> this machine; a serial -> that adb device; None -> the one attached adb device."""
+    dev = LocalDevice() if spec == "local" else AdbDevice(serial=spec)
+    dev.open()
+    return dev

@@ -1,0 +1,209 @@
+"""The benchmark harness's pieces that need no model: quoting through adb, device selection and its
+errors, llama_main's flags, the stats line, the 64-token prompt, the model-card table.
+
+The adb here is android_runner/fake_adb/adb: an emulated adb whose device is a directory and whose
+`shell` runs the command with sh on this machine (the runs themselves are in
+test_android_runner_bench.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from android_runner import report, stats
+from android_runner.device import REMOTE_DIR, AdbDevice, LocalDevice, parse_devices
+from android_runner.runner import FlagError, parse_flags
+from exporter.errors import PtekitError
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_ADB = REPO / "android_runner" / "fake_adb" / "adb"
+
+# Everything a shell could mangle: quotes of both kinds, $, backticks, globs, ;, &&, newlines.
+NASTY = ["it's \"quoted\"", "$HOME `id` $(id)", "*.pte ?", "a;b && c | d", "back\\slash", "two\nlines", "", "-n"]
+
+
+@pytest.fixture
+def fake_adb(tmp_path, monkeypatch):
+    """$ADB -> the emulated adb, its devices under tmp_path; returns the device root of 'emulator-5554'."""
+    monkeypatch.setenv("ADB", str(FAKE_ADB))
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(tmp_path / "devices"))
+    monkeypatch.setenv("FAKE_ADB_LOG", str(tmp_path / "adb.log"))
+    for var in [v for v in os.environ if v.startswith("FAKE_ADB_") and v not in ("FAKE_ADB_ROOT", "FAKE_ADB_LOG")]:
+        monkeypatch.delenv(var)
+    monkeypatch.delenv("ANDROID_SERIAL", raising=False)
+    return tmp_path / "devices" / "emulator-5554"
+
+
+@pytest.mark.parametrize("kind", ["adb", "local"])
+def test_every_argument_reaches_the_device_shell_unchanged(fake_adb, kind):
+    dev = AdbDevice() if kind == "adb" else LocalDevice()
+    dev.open()
+    try:
+        r = dev.shell(["printf", "[%s]\\n", *NASTY])
+        assert r.rc == 0, r.stderr
+        assert r.stdout == "".join(f"[{a}]\n" for a in NASTY)
+        # The command's own exit status comes back; a failing command is not a transport error.
+        assert dev.shell(["sh", "-c", "exit 3"]).rc == 3
+    finally:
+        dev.close()
+
+
+def test_adb_workdir_is_created_clean_and_removed(fake_adb, tmp_path):
+    stale = fake_adb / REMOTE_DIR.lstrip("/") / "left-over.pte"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an interrupted run")
+    dev = AdbDevice()
+    dev.open()
+    assert dev.serial == "emulator-5554"
+    assert not stale.exists()
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"0123456789")
+    remote = dev.push(f)
+    assert (fake_adb / remote.lstrip("/")).read_bytes() == b"0123456789"
+    back = tmp_path / "back"
+    back.mkdir()
+    assert (dev.pull(remote, back)).read_bytes() == b"0123456789"
+    assert dev.close() is None
+    assert not (fake_adb / REMOTE_DIR.lstrip("/")).exists()
+    calls = [json.loads(line) for line in (tmp_path / "adb.log").read_text().splitlines()]
+    assert all(c[:2] == ["-s", "emulator-5554"] for c in calls if c != ["devices"])
+
+
+def _open_error(**kw) -> str:
+    with pytest.raises(PtekitError) as e:
+        AdbDevice(**kw).open()
+    return str(e.value)
+
+
+def test_device_selection_errors(fake_adb, monkeypatch):
+    monkeypatch.setenv("FAKE_ADB_DEVICES", "")
+    assert "no Android device attached" in _open_error()
+    monkeypatch.setenv("FAKE_ADB_DEVICES", "R58M:device,emulator-5554:device")
+    msg = _open_error()
+    assert "several devices attached (R58M, emulator-5554)" in msg and "--device SERIAL" in msg
+    assert "device nope not found" in _open_error(serial="nope")
+    monkeypatch.setenv("FAKE_ADB_DEVICES", "R58M:unauthorized")
+    assert "unauthorized" in _open_error() and "Allow USB debugging" in _open_error()
+    monkeypatch.setenv("FAKE_ADB_DEVICES", "R58M:offline,emulator-5554:device")
+    assert "offline" in _open_error(serial="R58M")
+    # The healthy one of several, by serial.
+    dev = AdbDevice(serial="emulator-5554")
+    dev.open()
+    assert dev.close() is None
+
+
+def test_no_adb(monkeypatch, tmp_path):
+    monkeypatch.delenv("ADB", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(PtekitError, match="adb not found.*--device local"):
+        AdbDevice()
+    monkeypatch.setenv("ADB", str(tmp_path / "missing-adb"))
+    with pytest.raises(PtekitError, match="missing-adb: not an executable"):
+        AdbDevice()
+
+
+def test_cli_reports_a_device_problem_in_one_line(fake_adb, monkeypatch, smollm2_hf, tmp_path):
+    # The device is checked before the .pte is read, so any file stands in for it here.
+    (tmp_path / "model.pte").write_bytes(b"not read")
+    (tmp_path / "tokenizer.json").write_bytes((smollm2_hf / "tokenizer.json").read_bytes())
+    monkeypatch.setenv("FAKE_ADB_DEVICES", "R58M:unauthorized")
+    p = subprocess.run([sys.executable, "-m", "exporter.cli", "bench", str(tmp_path / "model.pte"), "--runner", "host"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 2
+    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "R58M is unauthorized" in err[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_parse_devices():
+    text = "* daemon started successfully\nList of devices attached\nR58M\tdevice\nemu-1\toffline\n\n"
+    assert parse_devices(text) == {"R58M": "device", "emu-1": "offline"}
+
+
+def test_runner_flags_follow_gflags():
+    f = parse_flags(["--model_path=m.pte", "--tokenizer_path", "t.json", "-seq_len", "192", "--warmup",
+                     "--prompt=a b --c", "--temperature=0"])
+    assert (f["model_path"], f["tokenizer_path"], f["seq_len"], f["warmup"], f["prompt"], f["temperature"]) == \
+        ("m.pte", "t.json", 192, True, "a b --c", 0.0)
+    assert parse_flags(["--warmup=false"])["warmup"] is False
+    assert parse_flags(["--nowarmup"])["warmup"] is False
+    assert parse_flags([])["seq_len"] == 128 and parse_flags([])["cpu_threads"] == -1
+    for bad in (["--max_tokens=3"], ["--seq_len=x"], ["--seq_len"], ["stray"], ["--warmup=maybe"]):
+        with pytest.raises(FlagError):
+            parse_flags(bad)
+
+
+def test_observer_line_parsing_and_metrics():
+    obs = {"prompt_tokens": 64, "generated_tokens": 127, "model_load_start_ms": 1000, "model_load_end_ms": 1900,
+           "inference_start_ms": 2000, "prompt_eval_end_ms": 2250, "first_token_ms": 2250,
+           "inference_end_ms": 4790, "SCALING_FACTOR_UNITS_PER_SECOND": 1000}
+    # The generated text is printed right before the stats line, possibly on the same line.
+    out = "prompt text and generated words" + stats.OBSERVER + json.dumps(obs) + "\nafter\n"
+    m = stats.run_metrics(stats.parse_observer(out))
+    assert m["prefill_tok_s"] == pytest.approx(64 / 0.25)
+    assert m["decode_tok_s"] == pytest.approx(127 / 2.54, abs=0.01)
+    assert m["ttft_s"] == pytest.approx(0.25) and m["model_load_s"] == pytest.approx(0.9)
+    with pytest.raises(PtekitError, match="no 'PyTorchObserver"):
+        stats.parse_observer("Segmentation fault\n")
+    with pytest.raises(PtekitError, match="lacks"):
+        stats.parse_observer(stats.OBSERVER + '{"prompt_tokens": 3}')
+
+
+def test_rss_samples_and_exit_descriptions():
+    r = stats.parse_rss("1024 1000\n204800 102400\n\n307200 2048\n")
+    assert r == {"samples": 3, "peak_rss_mib": 300.0, "max_sampled_vmrss_mib": 100.0}
+    assert stats.parse_rss("")["peak_rss_mib"] is None
+    assert stats.describe_exit(139) == "killed by SIGSEGV (exit 139)"
+    assert stats.describe_exit(1) == "exit 1"
+    assert stats.stderr_tail("a\n\nb\nc\nd\n") == "b | c | d"
+
+
+def test_sampler_measures_a_process_it_runs(tmp_path):
+    """rss_sampler.sh on a process that holds ~64 MiB: VmHWM sees it, the exit status comes back."""
+    script = REPO / "android_runner" / "scripts" / "rss_sampler.sh"
+    hold = "import time; b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.6); raise SystemExit(3)"
+    p = subprocess.run(["sh", str(script), str(tmp_path / "run"), "0.05", sys.executable, "-c", hold])
+    assert p.returncode == 3
+    assert (tmp_path / "run" / "rc").read_text().strip() == "3"
+    r = stats.parse_rss((tmp_path / "run" / "rss").read_text())
+    assert r["samples"] >= 3
+    assert 64 < r["peak_rss_mib"] < 64 + 200
+
+
+def test_benchmark_prompt_has_exactly_n_tokens(smollm2_hf, wikitext_test):
+    from android_runner.prompt import benchmark_prompt
+    from exporter.tokenizer import Tokenizer
+
+    tok = Tokenizer(smollm2_hf / "tokenizer.json")
+    text = wikitext_test.read_text(encoding="utf-8")
+    for n in (1, 16, 64, 300):
+        p = benchmark_prompt(tok, n, wikitext_test)
+        assert len(tok.encode(p)) == n
+        assert p in text
+    with pytest.raises(PtekitError, match="no paragraph"):
+        benchmark_prompt(tok, 100_000, wikitext_test)
+
+
+def _result(method, label, size_mib, decode, ttft, prefill, rss, complete=True):
+    return {"model": {"label": label, "method": method, "pte_mib": size_mib}, "complete": complete,
+            "settings": {"runs": 3}, "runs": [{}] * 3,
+            "summary": {"decode_tok_s": {"median": decode}, "ttft_s": {"median": ttft},
+                        "prefill_tok_s": {"median": prefill}, "peak_rss_mib": {"median": rss}}}
+
+
+def test_model_card_table_relative_to_bf16():
+    rows = report.markdown_table([_result("bf16", "1B BF16", 2358, 19.2, 1.0, 60.3, 3185),
+                                  _result("spinquant", "1B SpinQuant", 1083, 50.2, 0.231, 260.5, 1921)]).splitlines()
+    assert rows[0].startswith("| Model | Decode (tokens/sec) | Time-to-first-token (sec) | Prefill (tokens/sec)")
+    assert rows[2] == "| 1B BF16 (baseline) | 19.2 | 1.000 | 60.3 | 2,358.0 | 3,185 |"
+    # The model card's own second row: 2.6x decode, -76.9% TTFT, 4.3x prefill, -54.1% size, -39.7% RSS.
+    assert rows[3] == ("| 1B SpinQuant | 50.2 (2.6x) | 0.231 (-76.9%) | 260.5 (4.3x) | 1,083.0 (-54.1%) | "
+                       "1,921 (-39.7%) |")
+    alone = report.markdown_table([_result("ptq", "135M PTQ", 112, 56.0, 0.14, 447.6, 546, complete=False)])
+    assert "135M PTQ (incomplete: 3 of 3 runs)" in alone and "x)" not in alone and "%)" not in alone
