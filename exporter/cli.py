@@ -121,6 +121,10 @@ from android_runner.cli import bench as _bench  # noqa: E402  (the command lives
 
 app.command("bench")(_bench)
 
+from benchmarks.quality_cli import eval_command as _eval  # noqa: E402  (the command lives with the suite)
+
+app.command("eval")(_eval)
+
 
 def main():
     from exporter.quiet import quiet_libraries
