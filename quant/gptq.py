@@ -1,0 +1,229 @@
+"""GPTQ (Frantar et al., 2022) into the scheme's 4-bit symmetric group-32 block weights.
+
+GPTQ quantizes one input column at a time and spreads each column's rounding error over the
+columns not yet quantized, weighted by the inverse Hessian H = 2 X^T X of the layer's inputs on
+calibration text, so the layer's output on that text moves as little as possible. The integers
+and scales it picks are exactly what goes into the .pte: `int4_weight` wraps them in the torchao
+tensor that scheme.block_linear_config() would have produced by rounding to nearest, so lowering
+sees the same kind of weight either way.
+
+Scales follow torchao's symmetric rule (max|w| / 7.5 over a group of 32, integers in [-8, 7]).
+Without act-order a group's scale is taken when GPTQ reaches the group, from the weights as
+updated so far (the reference implementation); with act-order the columns are visited by
+decreasing Hessian diagonal, which scatters each group, so the scales are fixed up front from the
+original weights ("static groups") and groups stay contiguous in the original order, as the
+scheme requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quant import scheme
+
+
+def _bounds() -> tuple[int, int]:
+    from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
+
+    return _DTYPE_TO_QVALUE_BOUNDS[scheme.BLOCK_WEIGHT_DTYPE]
+
+
+def group_scales(w: torch.Tensor, group_size: int = scheme.GROUP_SIZE) -> torch.Tensor:
+    """torchao's symmetric scale per group: [rows, cols / group_size]."""
+    qmin, qmax = _bounds()
+    amax = w.float().reshape(w.shape[0], -1, group_size).abs().amax(-1)
+    return torch.clamp(amax / ((qmax - qmin) / 2), min=torch.finfo(torch.float32).eps)
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Integers for w given per-element (broadcast) scales, as torchao's quantize_affine rounds."""
+    qmin, qmax = _bounds()
+    return torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax)
+
+
+def quantize_rtn(w: torch.Tensor, group_size: int = scheme.GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    s = group_scales(w, group_size)
+    q = round_to_grid(w.float().reshape(w.shape[0], -1, group_size), s[..., None])
+    return q.reshape(w.shape).to(torch.int8), s
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int = scheme.GROUP_SIZE) -> torch.Tensor:
+    return (q.float().reshape(q.shape[0], -1, group_size) * scale[..., None]).reshape(q.shape)
+
+
+@dataclass
+class GPTQOptions:
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    act_order: bool = False
+    block_size: int = 128  # columns per lazy-update block (a multiple of the group size)
+    true_sequential: bool = True  # quantize q/k/v, then o, then w1/w3, then w2, each on the previous ones' outputs
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, opts: GPTQOptions = GPTQOptions(),
+                  group_size: int = scheme.GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [rows, cols], h [cols, cols] -> (int8 integers [rows, cols], scales [rows, cols / group_size])."""
+    rows, cols = w.shape
+    w = w.clone().float()
+    h = h.clone().float()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    n_groups = cols // group_size
+    scales = torch.zeros(rows, n_groups, device=w.device)
+    perm = None
+    if opts.act_order:
+        scales = group_scales(w, group_size)
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+        group_of = perm // group_size
+    h += opts.damp * torch.mean(torch.diagonal(h)) * torch.eye(cols, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    q = torch.zeros(rows, cols, device=w.device)
+    bs = max(group_size, opts.block_size // group_size * group_size)
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if perm is None:
+                g = col // group_size
+                if col % group_size == 0:
+                    scales[:, g] = group_scales(w1[:, i : i + group_size], group_size)[:, 0]
+            else:
+                g = group_of[col]
+            s = scales[:, g]
+            qc = round_to_grid(w1[:, i], s)
+            q[:, col] = qc
+            e = (w1[:, i] - qc * s) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q.to(torch.int8), scales
+
+
+class HessianAccumulator:
+    """H = 2/n sum x x^T over every token a linear layer sees (float32, running mean)."""
+
+    def __init__(self, cols: int, device):
+        self.h = torch.zeros(cols, cols, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.h *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.h += x.t() @ x
+
+
+def int4_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The torchao weight tensor of scheme.block_linear_config() holding these integers and scales."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quantize_.workflows import IntxPackingFormat
+
+    cfg = scheme.block_linear_config()
+    # The fields below are what torchao's handler for this config sets; guard against a scheme
+    # change this function would not follow.
+    assert isinstance(cfg.weight_granularity, PerGroup) and cfg.intx_packing_format == IntxPackingFormat.UNPACKED_TO_INT8
+    group = cfg.weight_granularity.group_size
+    return IntxUnpackedToInt8Tensor(
+        qdata=q.to(torch.int8).contiguous(),
+        scale=scale.float().reshape(q.shape[0], q.shape[1] // group).contiguous(),
+        zero_point=torch.zeros(q.shape[0], q.shape[1] // group, dtype=torch.int8, device=q.device),
+        target_dtype=cfg.weight_dtype,
+        block_size=(1, group),
+        dtype=torch.float32,
+        activation_quantization="int8_asym_per_token",
+    )
+
+
+def set_int4_weight(linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(int4_weight(q.cpu(), scale.cpu()), requires_grad=False)
+
+
+# --- the whole network, block by block ----------------------------------------------------------
+
+# Linears that read the same input share one Hessian; the groups in the order a block runs them.
+_GROUPS = (("attention.wq", "attention.wk", "attention.wv"), ("attention.wo",),
+           ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",))
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it came for: the rest of the block need not run."""
+
+
+def _watch_input(linear: nn.Module, fn) -> torch.utils.hooks.RemovableHandle:
+    """Calls fn(x) with the input the linear's matmul actually sees (after its online Hadamard, if any)."""
+    had = getattr(linear, "hadamard", None)
+    if had is not None:
+        return had.register_forward_hook(lambda m, args, out: fn(out))
+    return linear.register_forward_pre_hook(lambda m, args: fn(args[0]))
+
+
+@torch.no_grad()
+def gptq_model(model: nn.Module, tokens: torch.Tensor, opts: GPTQOptions, device: str = "cpu",
+               micro_batch: int = 8, progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ on every block linear of a float model, block after block, each block seeing the
+    outputs of the already-quantized blocks before it. Sets each linear's weight to its dequantized
+    value (so the float model now computes what the quantized one will) and returns
+    {linear name: (int8 integers, scales)} on the CPU.
+
+    true_sequential: each group of linears gets its Hessian from a pass in which the groups before
+    it are already quantized; the pass stops at the group's input, so the four passes cost about
+    2.5 block forwards instead of 5 (without it: one pass for all four, then the output pass).
+    """
+    from quant.embedding import Int8Embedding
+
+    cfg = model.config
+    model.to(device)
+    # The first block sees what the .pte's int8 embedding produces.
+    emb = Int8Embedding.from_float(model.tok_embeddings)
+    hs = [emb(t.to(device)).float() for t in tokens.split(micro_batch)]
+    S = tokens.shape[1]
+    cos, sin = model.freqs_cos[:S].to(device), model.freqs_sin[:S].to(device)
+    stages = [[g] for g in _GROUPS] if opts.true_sequential else [list(_GROUPS)]
+    result = {}
+    bar = tqdm(total=cfg.n_layers * len(_GROUPS), desc="GPTQ", unit="group", disable=not progress)
+    for i, layer in enumerate(model.layers):
+        for groups in stages:
+            acc = {g: HessianAccumulator(layer.get_submodule(g[0]).in_features, device) for g in groups}
+            last = groups[-1]
+
+            def record(x, g):
+                acc[g].add(x)
+                if g is last:
+                    raise _Stop
+
+            handles = [_watch_input(layer.get_submodule(g[0]), lambda x, g=g: record(x, g)) for g in groups]
+            try:
+                for h in hs:
+                    try:
+                        layer(h, cos, sin)
+                    except _Stop:
+                        pass
+            finally:
+                for hd in handles:
+                    hd.remove()
+            for g in groups:
+                for name in g:
+                    lin = layer.get_submodule(name)
+                    q, s = gptq_quantize(lin.weight.data, acc[g].h, opts)
+                    lin.weight.data = dequantize(q, s).to(lin.weight.dtype)
+                    result[f"layers.{i}.{name}"] = (q.cpu(), s.cpu())
+                bar.update(1)
+        hs = [layer(h, cos, sin) for h in hs]
+    bar.close()
+    model.to("cpu")
+    return result

@@ -1,0 +1,548 @@
+"""spinquant: learned rotations (SpinQuant, Liu et al. 2024), then GPTQ, into the spec'd scheme.
+
+1. Fold the RMSNorm weights into the linears (quant.rotation.fold_norms) and put an online
+   Hadamard transform (R4) before every FFN down projection, its inverse merged into w2.
+2. Learn R1 (residual stream) and one R2 per layer (attention values/heads) with Cayley SGD
+   (quant.cayley) on the next-token loss of the rotated network with its block weights
+   fake-quantized to 4-bit group-32 and every block linear's and the classifier's input
+   fake-quantized to 8-bit per token, straight-through gradients, as the .pte computes. The start
+   is the identity or a random Hadamard matrix, whichever gives the lower quantized loss.
+3. Merge R1, R2 into the weights, then GPTQ (quant.gptq) the block linears; the embedding and the
+   classifier get the scheme's 8-bit round-to-nearest (quant.ptq).
+
+Everything is kept under inputs.work_dir: the optimization state after every step (an
+interrupted run resumes where it stopped), the learned rotations, and the rotated, quantized
+checkpoint with a manifest, so exporting again skips straight to lowering.
+
+Options (inputs.options; values may be strings as a CLI passes them):
+  preset            paper (default with --device cuda) | cpu (default otherwise)
+  rotation          learned | hadamard (random Hadamard R1/R2, no training) | none (GPTQ alone)
+  init              auto | identity | hadamard
+  r4                true | false
+  iterations, lr, momentum, train_batch, train_seq_len, gptq, gptq_samples, gptq_seq_len,
+  damp, act_order, true_sequential, init_eval_batches, checkpoint_layers
+inputs.steps overrides iterations, inputs.calibration the calibration text, inputs.seed the seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from exporter.atomic import atomic_path, write_text
+from exporter.errors import PtekitError
+from quant import data, rotation
+from quant.cayley import CayleySGD
+from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn, set_int4_weight
+from quant.hadamard import random_hadamard
+
+FORMAT = "ptekit-spinquant/1"
+STATE = "rotation_state.pt"
+ROTATIONS = "rotations.safetensors"
+CHECKPOINT = "model.safetensors"
+MANIFEST = "spinquant.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    rotation: str = "learned"
+    init: str = "auto"
+    r4: bool = True
+    iterations: int = 100
+    lr: float = 1.5
+    momentum: float = 0.0
+    train_batch: int = 8
+    train_seq_len: int = 2048
+    gptq: bool = True
+    gptq_samples: int = 128
+    gptq_seq_len: int = 2048
+    damp: float = 0.01
+    act_order: bool = False
+    true_sequential: bool = True
+    init_eval_batches: int = 2
+    checkpoint_layers: bool = True
+    bf16: bool = True  # matmuls of the rotation training in bf16
+    seed: int = 0
+
+
+PRESETS = {
+    # The paper's: 800 samples of 2048 tokens (100 iterations of 8) for the rotations, 128 for GPTQ.
+    "paper": Settings(),
+    # SmolLM2-135M on a CPU: one 512-token window per iteration (a training step is dominated by
+    # rotating and quantizing every weight, not by the tokens), GPTQ on 64 windows of 512.
+    "cpu": Settings(iterations=100, train_batch=1, train_seq_len=512, gptq_samples=64, gptq_seq_len=512,
+                    init_eval_batches=4, checkpoint_layers=False),
+}
+
+
+def settings_from(inputs) -> Settings:
+    opts = dict(inputs.options or {})
+    preset = opts.pop("preset", None) or ("paper" if str(inputs.device).startswith("cuda") else "cpu")
+    if preset not in PRESETS:
+        raise PtekitError(f"spinquant: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    changes = {}
+    for key, value in opts.items():
+        if key not in fields:
+            raise PtekitError(f"spinquant: unknown option {key!r}; known options: {', '.join(fields)}")
+        changes[key] = _parse(key, value, type(getattr(base, key)))
+    if inputs.steps is not None:
+        changes["iterations"] = int(inputs.steps)
+    changes.setdefault("seed", inputs.seed)
+    s = dataclasses.replace(base, **changes)
+    for key, allowed in (("rotation", ("learned", "hadamard", "none")), ("init", ("auto", "identity", "hadamard"))):
+        if getattr(s, key) not in allowed:
+            raise PtekitError(f"spinquant: option {key}={getattr(s, key)!r}; choose one of {', '.join(allowed)}")
+    if s.iterations < 0 or s.train_batch < 1 or s.gptq_samples < 1:
+        raise PtekitError("spinquant: iterations must be >= 0, train_batch and gptq_samples >= 1")
+    return s
+
+
+def _parse(key, value, kind):
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise PtekitError(f"spinquant: option {key}={value!r} is not a boolean (true/false)")
+        return value.lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise PtekitError(f"spinquant: option {key}={value!r} is not a {kind.__name__}") from None
+
+
+def resolve_device(device: str) -> str:
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PtekitError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
+        return str(device)
+    if device != "cpu":
+        raise PtekitError(f"--device {device}: unknown device; use cpu or cuda")
+    return "cpu"
+
+
+# --- fake quantization, straight-through ------------------------------------------------------------
+# The same numbers torchao's quantized tensors compute (tests/test_spinquant.py checks it), written
+# as few passes over memory as possible: on a CPU the training step is dominated not by matmuls
+# but by quantizing every rotated weight, and torchao's QAT fake quantizers take several times longer.
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+class _FakeQuantWeight(torch.autograd.Function):
+    """Symmetric per group of the last dimension; the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, w, group_size: int, qmin: int, qmax: int):
+        g = w.reshape(*w.shape[:-1], -1, group_size)
+        lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
+        scale = torch.maximum(-lo, hi).div_((qmax - qmin) / 2).clamp_(min=_EPS)
+        q = g * (1.0 / scale)
+        return q.round_().clamp_(qmin, qmax).mul_(scale).reshape(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
+class _FakeQuantAct(torch.autograd.Function):
+    """int8 asymmetric per token, in fp32 (bf16 cannot hold x / scale to the nearest integer up to 255)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        xf = x.float()
+        lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)
+        lo, hi = lo.clamp_(max=0), hi.clamp_(min=0)
+        scale = ((hi - lo) / 255.0).clamp_(min=_EPS)
+        zero = torch.clamp(-128 - torch.round(lo / scale), -128, 127)
+        q = xf * (1.0 / scale)
+        return q.round_().add_(zero).clamp_(-128, 127).sub_(zero).mul_(scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
+    return _FakeQuantAct.apply(x)
+
+
+def fake_quant_weight(w: torch.Tensor, group_size: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Symmetric per group (group_size = in_features: per channel)."""
+    return _FakeQuantWeight.apply(w, group_size, qmin, qmax)
+
+
+def fake_quant_block_weight(w: torch.Tensor) -> torch.Tensor:
+    from quant import scheme
+
+    return fake_quant_weight(w, scheme.GROUP_SIZE, -8, 7)
+
+
+def fake_quant_rows_int8(x: torch.Tensor) -> torch.Tensor:
+    """The int8 per-row embedding, applied to the rows a batch looks up."""
+    return fake_quant_weight(x, x.shape[-1], -128, 127)
+
+
+# --- the training loss ------------------------------------------------------------------------------
+
+
+class _QuantTrainLinear(nn.Module):
+    """A block linear during training: its weight is set per step (rotated), quantized on the fly."""
+
+    def __init__(self, hadamard: nn.Module | None):
+        super().__init__()
+        self.hadamard = hadamard
+        self.w: torch.Tensor | None = None
+
+    def forward(self, x):
+        if self.hadamard is not None:
+            x = self.hadamard(x)
+        return F.linear(fake_quant_act(x), fake_quant_block_weight(self.w))
+
+
+class QuantizedLoss:
+    """Next-token loss of the rotated, fake-quantized network, as a function of R1 and R2.
+
+    Takes a folded model (R4 already merged). The classifier's 8-bit weight rounding is left out:
+    modelling it costs a vocab x dim x dim product per step, more than the tokens on a CPU; its
+    8-bit input quantization is kept.
+    """
+
+    def __init__(self, model: nn.Module, device: str, checkpoint_layers: bool = False, bf16: bool = True):
+        self.cfg = model.config
+        self.device = device
+        # Matmuls in bf16 (rotating the weights and running the network); rotations, weights and
+        # the quantizers' arithmetic stay fp32. Two to three times faster on CPUs with bf16 dot products.
+        self.bf16 = bf16
+        self.checkpoint_layers = checkpoint_layers
+        self.emb = model.tok_embeddings.weight.detach().to(device)
+        self.out = model.output.weight.detach().to(device, torch.bfloat16 if bf16 else torch.float32)
+        self.norm = copy.deepcopy(model.norm).to(device)
+        self.base, self.blocks = [], []
+        for layer in model.layers:
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            self.base.append({k: v.detach().to(device, dtype) for k, v in rotation.layer_weights(layer).items()})
+            block = copy.deepcopy(layer)  # one layer's weights at a time; the linears' are dropped below
+            for mod in (block.attention, block.feed_forward):
+                for name, child in list(mod.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(mod, name, _QuantTrainLinear(getattr(child, "hadamard", None)))
+            self.blocks.append(block.to(device))
+        self.cos, self.sin = model.freqs_cos.to(device), model.freqs_sin.to(device)
+
+    def _block(self, i, h, r1, r2, cos, sin):
+        c = self.cfg
+        w = rotation.rotate_layer(self.base[i], r1, r2, c.n_heads, c.n_kv_heads, c.head_dim)
+        block = self.blocks[i]
+        for name, t in w.items():
+            block.get_submodule(name).w = t
+        out = block(h, cos, sin)
+        for name in w:
+            block.get_submodule(name).w = None
+        return out
+
+    def __call__(self, tokens: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self._loss(tokens, r1, r2)
+
+    def _loss(self, tokens: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        S = tokens.shape[1]
+        cos, sin = self.cos[:S], self.sin[:S]
+        h = fake_quant_rows_int8(self.emb[tokens] @ r1)
+        for i in range(len(self.blocks)):
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(self._block, i, h, r1, r2[i], cos, sin, use_reentrant=False)
+            else:
+                h = self._block(i, h, r1, r2[i], cos, sin)
+        h = self.norm(h)
+        logits = F.linear(fake_quant_act(h) @ r1.t(), self.out)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def random_rotations(cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    r1 = random_hadamard(cfg.dim, g)
+    r2 = torch.stack([random_hadamard(cfg.head_dim, g) for _ in range(cfg.n_layers)])
+    return r1, r2
+
+
+def identity_rotations(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    eye = torch.eye(cfg.dim, dtype=torch.float64), torch.eye(cfg.head_dim, dtype=torch.float64)
+    return eye[0], eye[1].repeat(cfg.n_layers, 1, 1)
+
+
+@torch.no_grad()
+def quantized_loss(loss_fn: QuantizedLoss, pool: torch.Tensor, s: Settings, r1, r2) -> float:
+    r1, r2 = r1.to(loss_fn.device, torch.float32), r2.to(loss_fn.device, torch.float32)
+    return sum(loss_fn(data.batch(pool, b, s.train_batch), r1, r2).item() for b in range(s.init_eval_batches)) / s.init_eval_batches
+
+
+def learn_rotations(model: nn.Module, pool: torch.Tensor, s: Settings, work_dir: Path, fingerprint: str,
+                    device: str = "cpu", on_step=None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Cayley SGD on R1, R2 from a folded model. Saves its state after every step under work_dir
+    and continues from there when the state matches `fingerprint`. on_step(step, loss) is called
+    after each saved step. Returns (R1, R2, record)."""
+    cfg = model.config
+    loss_fn = QuantizedLoss(model, device, s.checkpoint_layers and device != "cpu", s.bf16)
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    state_path = Path(work_dir) / STATE
+    state = _load_state(state_path, fingerprint)
+    if state is None:
+        r1, r2, record = _initial_rotations(loss_fn, pool, s, cfg)
+        start, opt_state = 0, None
+    else:
+        r1, r2, record, start, opt_state = state["r1"], state["r2"], state["record"], state["step"], state["optimizer"]
+        if start < s.iterations:
+            tqdm.write(f"spinquant: resuming the rotation optimization at step {start} of {s.iterations}",
+                       file=sys.stderr)
+    r1 = nn.Parameter(r1.to(device, torch.float32))
+    r2 = nn.Parameter(r2.to(device, torch.float32))
+    opt = CayleySGD([r1, r2], lr=s.lr, momentum=s.momentum)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    bar = tqdm(range(start, s.iterations), desc="spinquant rotations", unit="step", disable=not progress,
+               initial=start, total=s.iterations)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * step / s.iterations))  # cosine, no warmup
+        loss = loss_fn(data.batch(pool, step, s.train_batch), r1, r2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        record["losses"].append(round(loss.item(), 5))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        _save_state(state_path, dict(fingerprint=fingerprint, step=step + 1, r1=r1.detach().cpu(),
+                                     r2=r2.detach().cpu(), optimizer=_cpu(opt.state_dict()), record=record))
+        if on_step is not None:
+            on_step(step + 1, loss.item())
+    # The optimizer's float64 masters are orthogonal to float64 rounding; the parameters only to float32's.
+    return tuple(opt.state[p]["master"].cpu() if "master" in opt.state[p] else p.detach().double().cpu()
+                 for p in (r1, r2)) + (record,)
+
+
+def _initial_rotations(loss_fn, pool, s: Settings, cfg):
+    candidates = {"identity": identity_rotations(cfg), "hadamard": random_rotations(cfg, s.seed)}
+    record = {"losses": [], "init_losses": {}}
+    if s.init != "auto":
+        record["init"] = s.init
+        return (*candidates[s.init], record)
+    for name, (r1, r2) in candidates.items():
+        record["init_losses"][name] = round(quantized_loss(loss_fn, pool, s, r1, r2), 5)
+    best = min(record["init_losses"], key=record["init_losses"].get)
+    record["init"] = best
+    tqdm.write(f"spinquant: quantized calibration loss at start {record['init_losses']}; starting from {best}",
+               file=sys.stderr)
+    return (*candidates[best], record)
+
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+def _save_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, fingerprint: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged state only costs the optimization redone
+        tqdm.write(f"spinquant: {path} is unreadable ({type(e).__name__}); starting the optimization over", file=sys.stderr)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        tqdm.write(f"spinquant: {path} is from another model or settings; starting the optimization over", file=sys.stderr)
+        return None
+    return state
+
+
+# --- the method ---------------------------------------------------------------------------------
+
+
+# What the learned rotations depend on; the GPTQ settings are left out so that changing them
+# reuses finished rotations.
+TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "train_batch", "train_seq_len",
+                   "init_eval_batches", "bf16", "seed")
+
+
+def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str]:
+    """(rotations, result): hashes of the weights, the calibration text and the settings each depends on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+    if calibration is not None:
+        h.update(Path(calibration).read_bytes())
+    settings = dataclasses.asdict(s)
+    out = []
+    for keys in (TRAINING_FIELDS, tuple(settings)):
+        hk = h.copy()
+        hk.update(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode())
+        out.append(hk.hexdigest())
+    return out[0], out[1]
+
+
+def _prepare(model: nn.Module, s: Settings) -> bool:
+    """Folds the norms and inserts R4 as the settings ask; returns whether R4 is in."""
+    if s.rotation == "none":
+        return False
+    rotation.fold_norms(model)
+    if s.r4 and not rotation.r4_supported(model.config.hidden_dim):
+        tqdm.write(f"spinquant: no Hadamard construction for the FFN size {model.config.hidden_dim}; "
+                   "running without the online R4 transform", file=sys.stderr)
+        return False
+    if s.r4:
+        rotation.insert_r4(model)
+    return s.r4
+
+
+def _finish(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """The scheme: ptq's int8 embedding and classifier, then the block linears' own integers."""
+    from quant.ptq import apply_scheme
+
+    model = apply_scheme(model)
+    for name, (q, scale) in weights.items():
+        set_int4_weight(model.get_submodule(name), q, scale)
+    return model
+
+
+def quantize(model: nn.Module, inputs) -> nn.Module:
+    s = settings_from(inputs)
+    device = resolve_device(inputs.device)
+    work = Path(inputs.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    needs_text = s.rotation == "learned" or s.gptq
+    calibration = Path(inputs.calibration) if inputs.calibration else data.default_calibration()
+    if needs_text:
+        data.read_text(calibration)  # a bad file fails here, before any work
+        if inputs.tokenizer is None:
+            raise PtekitError("spinquant: needs the checkpoint's tokenizer to read the calibration text")
+    model = model.float()
+    train_fp, fp = fingerprints(model, s, calibration if needs_text else None)
+
+    saved = load_result(work, fp)
+    if saved is not None:
+        tqdm.write(f"spinquant: using the rotated, quantized checkpoint in {work} (delete it to optimize again)",
+                   file=sys.stderr)
+        _prepare(model, s)
+        floats, weights = saved
+        loaded = model.load_state_dict(floats, strict=False)  # the block linears come as integers below
+        if loaded.unexpected_keys or set(loaded.missing_keys) - {f"{n}.weight" for n in weights}:
+            raise PtekitError(f"{work / CHECKPOINT}: does not fit this model; delete {work} to quantize again")
+        return _finish(model, weights)
+
+    t0 = time.perf_counter()
+    seconds, record = {}, {}
+    r4 = _prepare(model, s)
+    stream = data.token_stream(calibration, inputs.tokenizer) if needs_text else None
+    r1 = r2 = None
+    if s.rotation == "learned":
+        pool = data.windows(stream, s.train_seq_len, s.seed, at_least=s.train_batch, source=calibration)
+        if s.iterations * s.train_batch > len(pool):
+            tqdm.write(f"spinquant: {calibration} holds {len(pool)} windows of {s.train_seq_len} tokens; the "
+                       f"{s.iterations * s.train_batch} training samples go through them more than once", file=sys.stderr)
+        r1, r2, record = learn_rotations(model, pool, s, work, train_fp, device)
+    elif s.rotation == "hadamard":
+        r1, r2 = random_rotations(model.config, s.seed)
+    seconds["rotations"] = round(time.perf_counter() - t0, 1)
+    if r1 is not None:
+        rotation.apply_rotations(model, r1, r2)
+
+    t1 = time.perf_counter()
+    names = [f"layers.{i}.{n}" for i in range(model.config.n_layers) for n in rotation.LAYER_LINEARS]
+    if s.gptq:
+        tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=s.gptq_samples, source=calibration)
+        opts = GPTQOptions(damp=s.damp, act_order=s.act_order, true_sequential=s.true_sequential)
+        weights = gptq_model(model, tokens[: s.gptq_samples], opts, device)
+    else:
+        weights = {}
+        for name in names:
+            lin = model.get_submodule(name)
+            weights[name] = quantize_rtn(lin.weight.detach())
+            lin.weight.data = dequantize(*weights[name])
+    seconds["gptq" if s.gptq else "rtn"] = round(time.perf_counter() - t1, 1)
+
+    floats = {k: v.detach().clone() for k, v in model.state_dict().items() if not _is_block_linear(k)}
+    record["calibration"] = {"path": str(calibration) if needs_text else None,
+                             "training_tokens": s.iterations * s.train_batch * s.train_seq_len
+                             if s.rotation == "learned" else 0,
+                             "gptq_tokens": s.gptq_samples * s.gptq_seq_len if s.gptq else 0}
+    save_result(work, fp, s, floats, weights, r1, r2, r4, record, seconds)
+    return _finish(model, weights)
+
+
+def _is_block_linear(key: str) -> bool:
+    return key.startswith("layers.") and any(key.endswith(f"{n}.weight") for n in rotation.LAYER_LINEARS)
+
+
+def save_result(work: Path, fp: str, s: Settings, floats: dict, weights: dict, r1, r2, r4: bool,
+                record: dict, seconds: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in floats.items()}
+    for name, (q, scale) in weights.items():
+        tensors[f"{name}.qdata"] = q.contiguous()
+        tensors[f"{name}.scale"] = scale.contiguous()
+    with atomic_path(work / CHECKPOINT) as tmp:
+        save_file(tensors, str(tmp))
+    if r1 is not None:
+        with atomic_path(work / ROTATIONS) as tmp:
+            save_file({"R1": r1.contiguous(), "R2": r2.contiguous()}, str(tmp))
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "settings": dataclasses.asdict(s),
+        "rotations": {"R1": r1 is not None, "R2": r2 is not None, "R4_online_hadamard": r4,
+                      "file": ROTATIONS if r1 is not None else None},
+        "calibration": record.get("calibration"),
+        "init": record.get("init"),
+        "init_losses": record.get("init_losses"),
+        "losses": record.get("losses"),
+        "weights": {"block_linears": "GPTQ" if s.gptq else "round to nearest", "file": CHECKPOINT},
+        "seconds": seconds,
+    }
+    write_text(work / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # written last: marks the result complete
+
+
+def load_result(work: Path, fp: str):
+    """(float tensors, {linear: (integers, scales)}) saved by a finished run with this fingerprint, else None."""
+    path = work / MANIFEST
+    if not path.exists() or not (work / CHECKPOINT).exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if manifest.get("format") != FORMAT or manifest.get("fingerprint") != fp:
+        return None
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(work / CHECKPOINT))
+    weights, floats = {}, {}
+    for key, t in tensors.items():
+        if key.endswith(".qdata"):
+            name = key[: -len(".qdata")]
+            weights[name] = (t, tensors[f"{name}.scale"])
+        elif not key.endswith(".scale"):
+            floats[key] = t
+    return floats, weights

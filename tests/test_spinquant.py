@@ -1,0 +1,262 @@
+"""spinquant: Hadamard matrices, rotation invariance, Cayley SGD, the quantized training loss,
+resume after an interruption, reuse of the saved result, and the real .pte against the eager model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import SHARED_DATA, cached_dir, write_tiny_hf
+from exporter.checkpoint import Checkpoint, build_model, load_checkpoint, random_checkpoint
+from exporter.config import ModelConfig
+from exporter.errors import PtekitError
+from quant import rotation
+from quant.cayley import CayleySGD, orthogonality_error
+from quant.hadamard import OnlineHadamard, factor, hadamard_matrix, random_hadamard
+from quant.method import MethodInputs
+
+# FFN 96 = 12 x 8: R4 needs the Kronecker construction; head_dim 16.
+TINY96 = dict(hidden_dim=96)
+TINY_OPTIONS = dict(iterations=3, train_batch=1, train_seq_len=32, gptq_samples=4, gptq_seq_len=32,
+                    init_eval_batches=1)
+
+
+@pytest.fixture(scope="module")
+def tiny96_hf(smollm2_hf) -> Path:
+    return cached_dir("tiny96-hf", lambda d: write_tiny_hf(d, smollm2_hf, **TINY96))
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> Path:
+    """A slice of the validation split: enough windows for the tiny runs, quick to tokenize."""
+    text = (SHARED_DATA / "wikitext-2-valid-tokens.txt").read_text(encoding="utf-8-sig")[:30000]
+    path = tmp_path_factory.mktemp("calib") / "valid-slice.txt"
+    path.write_text(text)
+    return path
+
+
+def tiny_float_model(dtype=torch.float64):
+    cfg = ModelConfig(dim=96, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192, vocab_size=300,
+                      rope_theta=1e5, tie_embeddings=True, max_seq_len=64)  # dim 96 = 12 x 8, hd 24 = 12 x 2
+    return build_model(Checkpoint(cfg, random_checkpoint(cfg, dtype=torch.float32), None, [], "meta")).to(dtype)
+
+
+# --- Hadamard ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [12, 20, 28, 36, 44, 64, 96, 576, 1536, 3072])
+def test_hadamard_matrices_are_orthonormal_with_pm_entries(n):
+    h = hadamard_matrix(n)
+    torch.testing.assert_close(h @ h.t(), torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5))
+
+
+def test_factorization_of_llm_sizes():
+    assert factor(1536) == (12, 128)  # SmolLM2's FFN
+    assert factor(576) == (36, 16)  # SmolLM2's residual stream
+    assert factor(8192) == (1, 8192)  # Llama 3.2 1B/3B's FFN
+    assert factor(14336) == (28, 512)  # Llama 3 8B's FFN
+    assert factor(52) is None
+
+
+@pytest.mark.parametrize("n", [64, 96, 1536])
+def test_online_hadamard_eager_and_executorch_op_agree(n):
+    from exporter.lower import load_executorch_ops
+
+    load_executorch_ops()
+    mod = OnlineHadamard(n)
+    x = torch.randn(2, 5, n)
+    ref = (x.double() @ hadamard_matrix(n)).float()
+    torch.testing.assert_close(mod(x), ref, atol=1e-5, rtol=1e-5)
+    mod.use_executorch_ops = True
+    torch.testing.assert_close(mod(x), ref, atol=1e-5, rtol=1e-5)
+
+
+# --- rotations ----------------------------------------------------------------------------------------
+
+
+def test_folded_rotated_model_computes_the_same_logits():
+    """R1, R2 and the online R4 (FFN 192 = 12 x 16) leave the float network's function unchanged."""
+    model = tiny_float_model()
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = model(tokens)
+    rotation.fold_norms(model)
+    assert all((layer.attention_norm.weight == 1).all() for layer in model.layers)
+    rotation.insert_r4(model)
+    g = torch.Generator().manual_seed(1)
+    r1 = random_hadamard(96, g)
+    r2 = torch.stack([random_hadamard(24, g) for _ in range(2)])
+    rotation.apply_rotations(model, r1, r2)
+    out = model(tokens)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    # ... and the weights really moved.
+    assert not torch.allclose(model.tok_embeddings.weight, tiny_float_model().tok_embeddings.weight, atol=1e-3)
+
+
+def test_fake_quantized_linear_equals_torchao_scheme():
+    """The training loss quantizes weights and activations exactly as the .pte's torchao weights do."""
+    from torchao.quantization import quantize_
+
+    from quant import scheme
+    from quant.spinquant import fake_quant_act, fake_quant_block_weight
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=False)
+    x = torch.randn(2, 9, 128) * torch.linspace(0.1, 5, 128)
+    ours = nn.functional.linear(fake_quant_act(x), fake_quant_block_weight(lin.weight))
+    quantize_(lin, scheme.block_linear_config())
+    torch.testing.assert_close(ours, lin(x), atol=1e-5, rtol=1e-5)
+    # Straight-through: gradients pass as if there were no rounding.
+    w = torch.randn(8, 64, requires_grad=True)
+    fake_quant_block_weight(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+# --- Cayley SGD -----------------------------------------------------------------------------------------
+
+
+def test_cayley_sgd_stays_orthogonal_and_descends():
+    g = torch.Generator().manual_seed(0)
+    target = random_hadamard(48, g).float()
+    x = nn.Parameter(torch.stack([torch.eye(48), random_hadamard(48, g).float()]))  # a batch, like R2
+    opt = CayleySGD([x], lr=1.5)
+    losses = []
+    for _ in range(60):
+        loss = ((x - target) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert orthogonality_error(opt.state[x]["master"]) < 1e-12
+    assert orthogonality_error(x.detach()) < 1e-5
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# --- the method -----------------------------------------------------------------------------------------
+
+
+def inputs(work, tok, calibration, **options):
+    return MethodInputs(work_dir=Path(work), tokenizer=tok, calibration=calibration,
+                        options={**TINY_OPTIONS, **options})
+
+
+def test_interrupted_optimization_resumes_to_the_same_rotations(tiny96_hf, calibration, tmp_path):
+    from exporter.tokenizer import Tokenizer
+    from quant import data, spinquant
+
+    ckpt = load_checkpoint(tiny96_hf)
+    tok = Tokenizer(ckpt.tokenizer_path)
+    s = spinquant.settings_from(inputs(tmp_path, tok, calibration, iterations=4))
+    pool = data.windows(data.token_stream(calibration, tok), s.train_seq_len, s.seed)
+
+    def folded():
+        m = build_model(ckpt, max_seq_len=64)
+        spinquant._prepare(m, s)
+        return m
+
+    full = spinquant.learn_rotations(folded(), pool, s, tmp_path / "a", "fp", progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(step, loss):
+        if step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        spinquant.learn_rotations(folded(), pool, s, tmp_path / "b", "fp", on_step=stop_after_two, progress=False)
+    steps_seen = []
+    resumed = spinquant.learn_rotations(folded(), pool, s, tmp_path / "b", "fp",
+                                        on_step=lambda step, loss: steps_seen.append(step), progress=False)
+    assert steps_seen == [3, 4]  # it did not start over
+    torch.testing.assert_close(resumed[0], full[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed[1], full[1], atol=1e-6, rtol=0)
+    assert resumed[2]["losses"] == pytest.approx(full[2]["losses"], abs=1e-4)
+    assert len(full[2]["losses"]) == 4
+    # A state from another model or other settings is not picked up.
+    fresh = []
+    spinquant.learn_rotations(folded(), pool, s, tmp_path / "b", "other", progress=False,
+                              on_step=lambda step, loss: fresh.append(step))
+    assert fresh == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def tiny_spinquant_pte(tiny96_hf, calibration, tmp_path_factory):
+    from exporter.pipeline import export
+
+    out = tmp_path_factory.mktemp("spinquant")
+    res = export(tiny96_hf, out, "spinquant", max_seq_len=128, eval_method=True, calibration=calibration,
+                 options=TINY_OPTIONS)
+    return res
+
+
+def test_export_saves_rotations_checkpoint_and_manifest(tiny_spinquant_pte):
+    from safetensors.torch import load_file
+
+    work = tiny_spinquant_pte.out_dir / "spinquant-work"
+    manifest = json.loads((work / "spinquant.json").read_text())
+    assert manifest["rotations"] == {"R1": True, "R2": True, "R4_online_hadamard": True, "file": "rotations.safetensors"}
+    assert manifest["init"] in ("identity", "hadamard") and len(manifest["losses"]) == 3
+    assert manifest["weights"]["block_linears"] == "GPTQ"
+    rot = load_file(str(work / "rotations.safetensors"))
+    assert orthogonality_error(rot["R1"]) < 1e-5 and orthogonality_error(rot["R2"]) < 1e-5
+    assert rot["R2"].shape == (2, 16, 16)
+    ckpt = load_file(str(work / "model.safetensors"))
+    q = ckpt["layers.0.feed_forward.w2.qdata"]
+    assert q.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7
+    assert tiny_spinquant_pte.manifest["method"] == "spinquant"
+
+
+def test_rerun_loads_the_saved_result_and_pte_matches_it(tiny_spinquant_pte, tiny96_hf, calibration, monkeypatch):
+    """Lowering again needs no optimization; the .pte's logits match the eager rotated, quantized model,
+    whose block weights hold GPTQ's integers exactly."""
+    from safetensors.torch import load_file
+
+    from exporter.pipeline import load_for_method
+    from exporter.runtime import PteModel
+    from quant import spinquant
+
+    def fail(*a, **k):
+        raise AssertionError("optimized again instead of loading the saved result")
+
+    monkeypatch.setattr(spinquant, "learn_rotations", fail)
+    monkeypatch.setattr(spinquant, "gptq_model", fail)
+    work = tiny_spinquant_pte.out_dir / "spinquant-work"
+    _, tok, model = load_for_method(tiny96_hf, "spinquant", lambda t: inputs(work, t, calibration), 128)
+
+    saved = load_file(str(work / "model.safetensors"))
+    for name in ("layers.0.attention.wq", "layers.1.feed_forward.w2"):
+        w = model.get_submodule(name).weight
+        assert torch.equal(w.qdata, saved[f"{name}.qdata"]) and torch.equal(w.scale, saved[f"{name}.scale"])
+    assert isinstance(model.layers[0].feed_forward.w2.hadamard, OnlineHadamard)
+
+    ids = tok.encode("The tower is 324 metres tall, about the same height as an 81-storey building. " * 2)
+    with torch.no_grad():
+        eager = model(torch.tensor([ids]))[0]
+    pte = PteModel(tiny_spinquant_pte.pte)
+    ours = pte.forward(ids, 0, all_logits=True)
+    span = (eager.max() - eager.min()).item()
+    assert (ours - eager).abs().max().item() < 0.02 * span
+    assert (ours.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.95
+    assert torch.equal(pte.forward(ids, 0), ours[-1])
+
+
+def test_bad_options_and_files_are_one_clear_error(tmp_path, calibration):
+    from quant import spinquant
+
+    model = tiny_float_model(torch.float32)
+    with pytest.raises(PtekitError, match="unknown option 'iters'"):
+        spinquant.quantize(model, MethodInputs(work_dir=tmp_path, options={"iters": 3}))
+    with pytest.raises(PtekitError, match="rotation='spin'"):
+        spinquant.quantize(model, MethodInputs(work_dir=tmp_path, options={"rotation": "spin"}))
+    with pytest.raises(PtekitError, match="not a boolean"):
+        spinquant.quantize(model, MethodInputs(work_dir=tmp_path, options={"r4": "maybe"}))
+    with pytest.raises(PtekitError, match="calibration file not found"):
+        spinquant.quantize(model, MethodInputs(work_dir=tmp_path, calibration=tmp_path / "nope.txt"))
+    if not torch.cuda.is_available():
+        with pytest.raises(PtekitError, match="no CUDA GPU"):
+            spinquant.quantize(model, MethodInputs(work_dir=tmp_path, device="cuda"))
