@@ -260,3 +260,44 @@ def test_bad_options_and_files_are_one_clear_error(tmp_path, calibration):
     if not torch.cuda.is_available():
         with pytest.raises(PtekitError, match="no CUDA GPU"):
             spinquant.quantize(model, MethodInputs(work_dir=tmp_path, device="cuda"))
+
+
+def test_layer_checkpointing_gives_the_same_loss_and_gradients():
+    """The GPU preset recomputes each block in the backward pass; that must not change anything."""
+    from quant import spinquant
+
+    model = tiny_float_model(torch.float32)
+    rotation.fold_norms(model)
+    rotation.insert_r4(model)
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for ckpt in (False, True):
+        loss_fn = spinquant.QuantizedLoss(model, "cpu", checkpoint_layers=ckpt, bf16=False)
+        r1, r2 = (nn.Parameter(t.float()) for t in spinquant.random_rotations(model.config, 0))
+        loss = loss_fn(tokens, r1, r2)
+        loss.backward()
+        results.append((loss.detach(), r1.grad, r2.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
+
+
+def test_calibration_files(tmp_path):
+    from quant import data
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"text": "first document"}\n\n{"prompt": "a", "response": "b"}\n"plain string"\n')
+    assert data.read_text(jsonl) == "first document\n\na\nb\n\nplain string"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(PtekitError, match="bad.jsonl:2: not valid JSON"):
+        data.read_text(bad)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(PtekitError, match="no text"):
+        data.read_text(tmp_path / "empty.txt")
+    tokens = torch.arange(100)
+    w = data.windows(tokens, 30, seed=0)
+    assert w.shape == (3, 30) and sorted(w[:, 0].tolist()) == [0, 30, 60]
+    assert data.batch(w, 1, 2).shape == (2, 30) and torch.equal(data.batch(w, 1, 2)[1], w[0])  # cycles
+    with pytest.raises(PtekitError, match="only 3 windows of 30, 5 are needed"):
+        data.windows(tokens, 30, seed=0, at_least=5)
