@@ -1,0 +1,187 @@
+"""`ptekit eval`: real runs on short slices of the real WikiText-2 test text.
+
+The tiny model (2 layers, random weights, SmolLM2's tokenizer) is cheap to run but spends most of
+its time on the 49k-word vocabulary, so slices are a few hundred tokens. SmolLM2 itself is under
+@slow.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.quality import (EagerLogits, EvalOptions, PteLogits, evaluate, make_windows, read_text,
+                                resolve_data, summary_line)
+from exporter.errors import PtekitError
+
+
+def run(target, **kw) -> dict:
+    kw.setdefault("seq_len", 64)
+    kw.setdefault("max_tokens", 512)
+    return evaluate(EvalOptions(target=str(target), progress=False, **kw), echo=lambda s: None)
+
+
+def test_bf16_against_itself_is_kl_zero(tiny_hf, tmp_path):
+    # A copy under another path: both sides are loaded and run on their own, so this checks that
+    # the two passes see the same windows and that the metrics are zero where they must be.
+    twin = shutil.copytree(tiny_hf, tmp_path / "twin")
+    r = run(tiny_hf, method="bf16", reference=str(twin))
+    m = r["metrics"]
+    assert r["target_is_reference"] is False
+    assert r["window"]["n_windows"] == 8 and r["tokens"]["predicted"] == 8 * 63
+    assert abs(m["kl"]["mean"]) < 1e-6
+    assert m["top1_agreement"]["mean"] == 1.0 and m["top1_agreement"]["se"] == 0.0
+    assert m["nll"]["mean"] == m["reference_nll"]["mean"] and m["nll_delta"]["mean"] == 0.0
+    assert m["nll"]["se"] > 0 and 1 < m["perplexity"]["value"] < 1e6
+    lo, hi = m["perplexity"]["ci95"]
+    assert lo < m["perplexity"]["value"] < hi
+
+
+def test_ptq_differs_measurably_from_bf16(tiny_hf):
+    r = run(tiny_hf, method="ptq")
+    m = r["metrics"]
+    assert r["target"]["method"] == "ptq" and r["reference"]["method"] == "bf16"
+    assert m["kl"]["mean"] > 1e-3 and m["kl"]["mean"] > 10 * m["kl"]["se"]
+    assert m["top1_agreement"]["mean"] < 0.95
+    assert m["top1_agreement"]["mean"] + 10 * m["top1_agreement"]["se"] < 1.0
+
+
+def test_pte_agrees_with_eager_eval_of_the_same_quantized_model(tiny_hf, tiny_ptq_pte):
+    # The .pte runs XNNPACK's int8 x int4 kernels, torch runs torchao's reference arithmetic; they
+    # round the activations the same way, so what is left is summation order. Tolerances: 0.005
+    # nats of NLL, 5% of the KL, 0.03 of agreement (seen on this model: 0.0011, 0.1%, 0.008; the
+    # random model's flat distributions make its argmax fragile).
+    kw = dict(seq_len=128, max_tokens=1024)
+    pte = run(tiny_ptq_pte, **kw)
+    eager = run(tiny_hf, method="ptq", **kw)
+    assert pte["target"]["kind"] == "pte" and pte["target"]["method"] == "ptq"
+    assert pte["reference"]["sha256"] == eager["reference"]["sha256"]  # the manifest's source, found
+    assert "forward_all_logits" in pte["target"]["runtime"]
+    p, e = pte["metrics"], eager["metrics"]
+    assert p["reference_nll"] == e["reference_nll"]
+    assert abs(p["nll"]["mean"] - e["nll"]["mean"]) < 0.005
+    assert abs(p["kl"]["mean"] - e["kl"]["mean"]) < 0.05 * e["kl"]["mean"]
+    assert abs(p["top1_agreement"]["mean"] - e["top1_agreement"]["mean"]) < 0.03
+
+
+def test_pte_token_by_token_matches_windows(tiny_ptq_pte):
+    from exporter.runtime import PteModel
+
+    pte = PteModel(tiny_ptq_pte)
+    w = torch.arange(1000, 1025)[None]
+    whole = PteLogits(pte)(w)
+    steps = PteLogits(pte, all_logits=False)(w)
+    assert whole.shape == steps.shape == (1, 24, 49152)
+    assert torch.equal(whole.argmax(-1), steps.argmax(-1))
+    assert (whole - steps).abs().max() < 1e-4  # seen: 1.2e-6
+
+
+def test_pte_windows_longer_than_the_cache_are_refused(tiny_ptq_pte):
+    from exporter.runtime import PteModel
+
+    with pytest.raises(PtekitError, match="--seq-len 257"):
+        PteLogits(PteModel(tiny_ptq_pte)).check_window(300)
+
+
+def test_pte_without_manifest_needs_reference(tiny_ptq_pte, tmp_path):
+    lone = shutil.copy(tiny_ptq_pte, tmp_path / "model.pte")
+    with pytest.raises(PtekitError, match="--reference"):
+        run(lone)
+
+
+def test_calibration_split_is_refused(wikitext_valid, tmp_path):
+    with pytest.raises(PtekitError, match="validation split.*--allow-calibration-data"):
+        resolve_data(str(wikitext_valid))
+    renamed = shutil.copy(wikitext_valid, tmp_path / "mydata.txt")
+    with pytest.raises(PtekitError, match="validation split"):
+        resolve_data(str(renamed))
+    assert resolve_data(str(renamed), allow_calibration=True) == renamed
+
+
+def test_data_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(PtekitError, match="nope.txt: data file not found"):
+        resolve_data(str(tmp_path / "nope.txt"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "broken\n')
+    with pytest.raises(PtekitError, match=r"bad.jsonl:2: not valid JSON"):
+        read_text(bad)
+    bad.write_text('{"text": "fine"}\n\n{"title": "no text here"}\n')
+    with pytest.raises(PtekitError, match=r"bad.jsonl:3: expected an object"):
+        read_text(bad)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(PtekitError, match="empty.txt: no text"):
+        read_text(empty)
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(PtekitError, match="blob.txt: not UTF-8"):
+        read_text(binary)
+
+
+def test_jsonl_forms(tmp_path):
+    f = tmp_path / "chat.jsonl"
+    rows = [{"text": "plain"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"prompt": "2+2?", "response": "4"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_text(f) == "plain\n\nhi\nhello\n\n2+2?\n4"
+
+
+def test_windows_drop_the_tail_and_respect_max_tokens(tmp_path):
+    ids = list(range(1000))
+    assert make_windows(ids, 128, None, tmp_path).shape == (7, 128)
+    w = make_windows(ids, 100, 350, tmp_path)
+    assert w.shape == (3, 100) and w[2, 0] == 200
+    with pytest.raises(PtekitError, match="no window of 512"):
+        make_windows(ids, 512, 300, tmp_path)
+
+
+def test_cli_writes_record_and_summary(tiny_hf, wikitext_test, tmp_path):
+    from exporter.checkpoint import load_checkpoint
+    from exporter.manifest import file_sha256
+
+    # A JSONL slice of the real test text, through the whole command line.
+    data = tmp_path / "slice.jsonl"
+    lines = [l for l in wikitext_test.read_text().splitlines() if l.strip()][:60]
+    data.write_text("".join(json.dumps({"text": l}) + "\n" for l in lines))
+    out = tmp_path / "rec" / "eval.json"
+    cmd = [sys.executable, "-m", "exporter.cli", "eval", str(tiny_hf), "-m", "ptq", "--data", str(data),
+           "--seq-len", "64", "--max-tokens", "256", "--json", str(out), "-q"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    line = p.stdout.strip()
+    assert "\n" not in line and "PPL" in line and "KL" in line and "top-1" in line
+    r = json.loads(out.read_text())
+    assert line == summary_line(r)
+    assert r["target"]["sha256"] == load_checkpoint(tiny_hf).sha256()
+    assert r["data"]["sha256"] == file_sha256(data)
+    assert r["window"] == {"seq_len": 64, "n_windows": 4, "predicted_per_window": 63, "stride": 64, "max_tokens": 256}
+    for k in ("nll", "reference_nll", "nll_delta", "kl", "top1_agreement"):
+        assert r["metrics"][k]["se"] is not None and r["metrics"][k]["se"] >= 0
+    assert r["tokens"] == {"evaluated": 256, "predicted": 252}
+    assert r["seconds"]["total"] > 0
+
+    # Bad input: one line on stderr, exit code 2, no traceback.
+    p = subprocess.run(cmd[:6] + ["--data", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.txt" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_pte_agrees_with_eager(smollm2_hf, smollm2_ptq_pte):
+    # The real model, 4 windows of 512: the .pte and torch's ptq agree within 0.01 nats of NLL
+    # and 10% of the KL, and ptq is measurably off bf16.
+    kw = dict(seq_len=512, max_tokens=2048)
+    pte = run(smollm2_ptq_pte, **kw)
+    eager = run(smollm2_hf, method="ptq", **kw)
+    p, e = pte["metrics"], eager["metrics"]
+    assert abs(p["nll"]["mean"] - e["nll"]["mean"]) < 0.01
+    assert abs(p["kl"]["mean"] - e["kl"]["mean"]) < 0.1 * e["kl"]["mean"]
+    assert p["kl"]["mean"] > 5 * p["kl"]["se"]
+    assert 5 < p["reference_perplexity"]["value"] < 50  # SmolLM2-135M on WikiText-2 at 512
