@@ -185,12 +185,6 @@ def load_state(path: Path, fingerprint: str) -> dict | None:
     return state
 
 
-def read_done_params(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
-    """The trained parameters of a finished round, or None when it has not finished."""
-    state = load_state(path, fingerprint)
-    return state["params"] if state and state["done"] else None
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 
