@@ -1,0 +1,81 @@
+"""python -m benchmarks run --model smollm2 [--device SERIAL|local] [--methods bf16,ptq,spinquant,qlora] [--out DIR]
+
+Builds every variant of one checkpoint, measures speed, size, memory and quality, runs the peers
+(export_llama, llama.cpp) on the same machine, and prints the model card's table. Writes
+DIR/benchmarks.json, DIR/report.md and DIR/chart.png; re-running resumes (finished steps are kept).
+
+python -m benchmarks sizes-1b      # the Llama 3.2 1B .pte sizes computed from its shape, beside Meta's
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from exporter.errors import PtekitError
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.suite import ALL_METHODS, ALL_PEERS, SuiteOptions
+
+    d = SuiteOptions()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="the whole suite on one checkpoint")
+    r.add_argument("--model", default=d.model, help="smollm2 (the embedded SmolLM2-135M-Instruct), llama3.2-1b-random "
+                   "(Llama 3.2 1B's exact shape, random weights, the real Llama 3 tokenizer), or a checkpoint path")
+    r.add_argument("--methods", type=_csv, default=",".join(ALL_METHODS), help="comma-separated; default: all four")
+    r.add_argument("--peers", type=_csv, default=",".join(ALL_PEERS), help="comma-separated subset of "
+                   f"{','.join(ALL_PEERS)}; '' for none")
+    r.add_argument("--device", default=d.device, help="'local' (this machine) or an adb serial")
+    r.add_argument("--runner", default=None, help="llama_main built for the phone (android_runner/README.md); "
+                   "default: ptekit's host runner")
+    r.add_argument("--out", type=Path, default=d.out)
+    r.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
+    r.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    r.add_argument("--gen", type=int, default=d.gen)
+    r.add_argument("--runs", type=int, default=d.runs)
+    r.add_argument("--warmup", type=int, default=d.warmup)
+    r.add_argument("--threads", type=int, default=d.threads, help="threads for every runtime; 0: all cores")
+    r.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
+    r.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens, help="WikiText-2 test tokens scored per "
+                   "method; 0 skips quality")
+    r.add_argument("--steps", type=int, default=None, help="spinquant/qlora optimization steps (default: the method's)")
+    r.add_argument("--gguf", type=Path, default=None, help="the llama.cpp peer's GGUF (default for smollm2: the "
+                   "embedded Q4_1 file)")
+    r.add_argument("--quiet", "-q", action="store_true")
+    sub.add_parser("sizes-1b", help="Llama 3.2 1B .pte sizes and RSS parts computed from its shape, beside Meta's")
+    a = ap.parse_args(argv)
+
+    try:
+        if a.command == "sizes-1b":
+            from benchmarks.meta_1b import report
+
+            print(report())
+            return 0
+        from benchmarks import report
+        from benchmarks.suite import run
+
+        opts = SuiteOptions(model=a.model, methods=a.methods, peers=a.peers, device=a.device, runner=a.runner,
+                            out=a.out, max_seq_len=a.max_seq_len, prompt_len=a.prompt_len, gen=a.gen, runs=a.runs,
+                            warmup=a.warmup, threads=a.threads, eval_seq_len=a.eval_seq_len,
+                            eval_max_tokens=a.eval_max_tokens, steps=a.steps, gguf=a.gguf, progress=not a.quiet)
+        record = run(opts)
+        print(report.markdown(record))
+        print(f"wrote {a.out / 'benchmarks.json'}, {a.out / 'report.md'}, {a.out / 'chart.png'}", file=sys.stderr)
+        return 0
+    except PtekitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

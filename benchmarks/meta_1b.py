@@ -1,0 +1,64 @@
+"""Llama 3.2 1B: the .pte sizes computed from its exact shape, MB by MB, beside Meta's model card.
+
+Meta's figures (Llama 3.2 model card, "Inference time", Android OnePlus 12): SpinQuant .pte 1083 MiB,
+RSS 1921 MiB; QLoRA .pte 1127 MiB, RSS 2255 MiB. Nothing here is measured: every number is a
+parameter count times its storage width (benchmarks/sizes.py), so it is labelled "computed".
+
+    python -m benchmarks sizes-1b
+"""
+
+from __future__ import annotations
+
+from benchmarks import sizes
+from exporter.config import preset
+
+MIB = 2**20
+META = {"spinquant": {"pte_mib": 1083, "rss_mib": 1921}, "qlora": {"pte_mib": 1127, "rss_mib": 2255}}
+LORA_RANK = 16  # quant.lora.DEFAULT_RANK, and the rank of Meta's QLoRA release
+MAX_SEQ_LEN = 2048
+
+
+def computed() -> dict:
+    c = preset("llama3.2-1b")
+    out = {"config": c.to_dict(), "parameters": sizes.parameter_count(c),
+           "block_linear_parameters": sizes.block_linear_params(c), "lora_parameters": sizes.lora_params(c, LORA_RANK),
+           "kv_cache_bytes_full": sizes.kv_cache_bytes(c, MAX_SEQ_LEN, 4)}
+    for name, scale_bytes in (("ptekit", 2), ("fp32_group_scales", 4)):
+        out[name] = {
+            "spinquant": sizes.computed_parts(c, "ptq", MAX_SEQ_LEN, scale_bytes).as_dict(),
+            "qlora": sizes.computed_parts(c, "ptq", MAX_SEQ_LEN, scale_bytes, lora_rank=LORA_RANK).as_dict(),
+            "bf16": sizes.computed_parts(c, "bf16", MAX_SEQ_LEN).as_dict(),
+        }
+    return out
+
+
+def report() -> str:
+    r = computed()
+    mib = lambda b: f"{b / MIB:,.1f}"  # noqa: E731
+    p, f = r["ptekit"], r["fp32_group_scales"]
+    lines = [
+        "Llama 3.2 1B, sizes computed from the shape (not measured):",
+        f"  parameters {r['parameters']:,} (tied embedding counted once); block linears {r['block_linear_parameters']:,}; "
+        f"LoRA rank {LORA_RANK} on every block linear {r['lora_parameters']:,}",
+        "",
+        "| part | ptekit spinquant/ptq (MiB) | with 4-byte group scales (MiB) | ptekit qlora (MiB) | bf16 (MiB) |",
+        "| :--- | ---: | ---: | ---: | ---: |",
+    ]
+    for k in ("block_weights", "block_scales", "embedding", "classifier", "norms", "rope", "lora", "total"):
+        lines.append(f"| {k} | {mib(p['spinquant'][k])} | {mib(f['spinquant'][k])} | {mib(p['qlora'][k])} | "
+                     f"{mib(p['bf16'][k])} |")
+    for method, meta in META.items():
+        ours, fp32 = p[method]["total"] / MIB, f[method]["total"] / MIB
+        lines.append(f"\n{method}: Meta .pte {meta['pte_mib']} MiB; computed ptekit {ours:,.1f} MiB "
+                     f"({meta['pte_mib'] - ours:+.1f} MiB to Meta); computed with 4-byte group scales {fp32:,.1f} MiB "
+                     f"({meta['pte_mib'] - fp32:+.1f} MiB to Meta, the program itself)")
+    kv = r["kv_cache_bytes_full"]
+    deleg = p["spinquant"]["block_weights"] + f["spinquant"]["block_scales"] + p["spinquant"]["classifier"]
+    lines.append(f"\nRSS parts (computed): KV cache fp32 at {MAX_SEQ_LEN} positions {mib(kv)} MiB; XNNPACK's packed copy of "
+                 f"the delegated weights (block linears with 4-byte scales + classifier) {mib(deleg)} MiB; "
+                 f"Meta SpinQuant RSS - .pte = {META['spinquant']['rss_mib'] - META['spinquant']['pte_mib']} MiB.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

@@ -1,0 +1,98 @@
+"""benchmarks/: the suite end to end on the tiny model (real exports, the real ExecuTorch runner, real
+`ptekit eval`), its resume, its one-line errors, and the size arithmetic against a real .pte."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--methods", "bf16,ptq", "--peers", "", "--max-seq-len", "256", "--gen", "16", "--runs", "1", "--warmup", "0",
+        "--eval-seq-len", "128", "--eval-max-tokens", "512", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def suite_run(tiny_hf, tmp_path_factory):
+    """The CI subset: `python -m benchmarks run` on the tiny model with bf16 and ptq."""
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "benchmarks", "run", "--model", str(tiny_hf), "--out", str(out), *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout, cmd
+
+
+def test_suite_writes_table_json_and_chart(suite_run):
+    out, stdout, _ = suite_run
+    record = json.loads((out / "benchmarks.json").read_text())
+    assert set(record["methods"]) == {"bf16", "ptq"}
+    for method, e in record["methods"].items():
+        bench = e["bench"]
+        assert bench["complete"] and len(bench["runs"]) == 1
+        assert bench["runs"][0]["prompt_tokens"] == 64 and bench["runs"][0]["generated_tokens"] == 16
+        assert bench["summary"]["decode_tok_s"]["median"] > 0
+        assert bench["model"]["pte_bytes"] == (out / method / "model.pte").stat().st_size
+        q = e["quality"]["metrics"]
+        assert e["quality"]["target"]["kind"] == "pte" and e["quality"]["window"]["n_windows"] == 4
+        assert q["perplexity"]["value"] > 1 and q["kl"]["mean"] >= 0
+    # ptq's 4-bit blocks make it smaller than bf16, and its logits further from the bf16 reference.
+    b, p = record["methods"]["bf16"], record["methods"]["ptq"]
+    assert p["export"]["pte_bytes"] < b["export"]["pte_bytes"]
+    assert p["quality"]["metrics"]["kl"]["mean"] > b["quality"]["metrics"]["kl"]["mean"]
+    assert record["bandwidth"]["gb_per_s"] > 0
+    assert [r["name"] for r in record["roofline"]] == ["ptekit bf16", "ptekit ptq"]
+    # The model card's table with ratios against bf16, as printed and as written.
+    report = (out / "report.md").read_text()
+    assert report.strip() in stdout
+    ptq_row = next(line for line in report.splitlines() if " PTQ |" in line)
+    size_ratio = (p["export"]["pte_bytes"] / b["export"]["pte_bytes"] - 1) * 100
+    assert f"({size_ratio:+.1f}%)" in ptq_row
+    decode = p["bench"]["summary"]["decode_tok_s"]["median"] / b["bench"]["summary"]["decode_tok_s"]["median"]
+    assert f"({decode:.1f}x)" in ptq_row
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_resumes_without_exporting_again(suite_run):
+    out, _, cmd = suite_run
+    before = {m: (out / m / "model.pte").stat().st_mtime_ns for m in ("bf16", "ptq")}
+    bench_before = json.loads((out / "ptq" / "bench.json").read_text())["started_at"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {m: (out / m / "model.pte").stat().st_mtime_ns for m in ("bf16", "ptq")} == before
+    assert json.loads((out / "ptq" / "bench.json").read_text())["started_at"] == bench_before
+
+
+def test_computed_size_matches_the_real_pte(suite_run, tiny_hf):
+    """sizes.py's arithmetic (4-bit blocks, bf16 group scales, int8 tables) against the real files:
+    what is left over is the program itself, a few tens of KB."""
+    from benchmarks.sizes import computed_parts
+    from exporter.checkpoint import load_checkpoint
+
+    out, _, _ = suite_run
+    cfg = load_checkpoint(tiny_hf).config
+    for method in ("bf16", "ptq"):
+        measured = (out / method / "model.pte").stat().st_size
+        rest = measured - computed_parts(cfg, method, 256).total()
+        assert 0 < rest < 200_000, (method, rest)
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+    for args, words in ((["--model", str(tmp_path / "nope")], "neither a known model"),
+                        (["--methods", "bf16,awq"], "awq"),
+                        (["--peers", "vllm"], "unknown peer")):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--out", str(tmp_path / "o"), *args],
+                              capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_meta_1b_sizes_are_computed_from_the_exact_shape():
+    from benchmarks.meta_1b import computed
+
+    r = computed()
+    assert r["parameters"] == 1_235_814_400  # Llama 3.2 1B, tied embeddings
+    spin = r["fp32_group_scales"]["spinquant"]["total"] / 2**20
+    assert abs(spin - 1083) < 1.0  # Meta's SpinQuant .pte, from shape alone with 4-byte group scales
