@@ -9,6 +9,7 @@ A failure midway keeps the runs that finished (BenchFailure.result) and still cl
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -165,11 +166,24 @@ def runner_flags(device: Device, model: dict, prompt: str, opts: BenchOptions) -
     ]
 
 
+def stop_runner(device: Device, run_dir: str) -> None:
+    """Best effort: kill the runner whose pid the sampler wrote."""
+    if getattr(device, "lost", False):
+        return
+    with contextlib.suppress(Exception):
+        device.shell(["sh", "-c", 'kill -9 "$(cat "$1")" 2>/dev/null; true', "sh", f"{run_dir}/pid"], timeout=30,
+                     what="stopping the runner")
+
+
 def one_run(device: Device, index: int, label: str, flags: list[str], opts: BenchOptions, local_tmp: Path) -> dict:
     run_dir = device.path(f"run{index}")
     argv = ["sh", device.path(SAMPLER), run_dir, str(opts.sample_interval_s), device.path(RUNNER_NAME), *flags]
     t0 = time.perf_counter()
-    res = device.shell(argv, timeout=opts.timeout_s, what=label)
+    try:
+        res = device.shell(argv, timeout=opts.timeout_s, what=label)
+    except BaseException:
+        stop_runner(device, run_dir)  # a timeout or Ctrl-C here must not leave it running on the phone
+        raise
     wall = time.perf_counter() - t0
     if res.rc != 0 and "No space left on device" in res.stderr:
         raise PtekitError(f"{device.name}: storage full during {label} (the runner's output could not be written); "
@@ -203,6 +217,7 @@ def one_run(device: Device, index: int, label: str, flags: list[str], opts: Benc
         "rss_before_model_load_mib": stats.host_rss_before_load(stderr),
         "temp_c_before": temps[0] if temps else None,
         "temp_c_after": temps[1] if len(temps) > 1 else None,
+        "loadavg_before": float(read("load")) if read("load").strip() else None,
         "wall_s": round(wall, 2),
         "observer": obs,
     }

@@ -8,8 +8,10 @@ so the same scripts measure both.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -84,12 +86,19 @@ class LocalDevice(Device):
         return dest
 
     def shell(self, argv: list, timeout: float | None = None, what: str = "a command") -> ShellResult:
+        # Its own session, so a timeout stops the whole command, not only the sh in front of it.
+        p = subprocess.Popen(["sh", "-c", shell_join(argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, errors="replace", start_new_session=True)
         try:
-            p = subprocess.run(["sh", "-c", shell_join(argv)], capture_output=True, text=True, timeout=timeout,
-                               errors="replace")
-        except subprocess.TimeoutExpired:
-            raise PtekitError(f"{what} did not finish within {timeout:.0f} s on this machine; raise --timeout") from None
-        return ShellResult(p.returncode, p.stdout, p.stderr)
+            out, err = p.communicate(timeout=timeout)
+        except BaseException as e:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise PtekitError(f"{what} did not finish within {timeout:.0f} s on this machine; raise --timeout") from None
+            raise
+        return ShellResult(p.returncode, out, err)
 
     def pull(self, remote: str, local_dir: Path) -> Path:
         src, dest = Path(remote), Path(local_dir) / Path(remote).name

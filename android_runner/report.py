@@ -100,6 +100,11 @@ def notes(results: list[dict]) -> str:
         "Decode, prefill and time to first token from the runner's PyTorchObserver timestamps; RSS is the "
         f"runner's peak VmHWM read from /proc/PID/status every {st['sample_interval_s']} s; sizes in MiB.",
     ]
+    loads = [x["loadavg_before"] for res in results for x in res["runs"] if x.get("loadavg_before") is not None]
+    if loads:
+        cores = r["device"].get("facts", {}).get("cores", "?")
+        out.append(f"1-minute load average before the measured runs: {min(loads):.1f} to {max(loads):.1f} on {cores} "
+                   "cores (other work competing with the runner).")
     before = [x["rss_before_model_load_mib"] for x in r["runs"] if x.get("rss_before_model_load_mib")]
     if before:
         out.append(f"The host runner's RSS includes about {min(before):.0f} MiB of Python + libtorch held before the "

@@ -93,10 +93,10 @@ def parse_temps(text: str) -> list[float | None]:
 
 
 def describe_exit(rc: int) -> str:
-    """'exit 1', or 'killed by SIGSEGV (exit 139)' for the shell's 128+N convention."""
+    """'exit 1', or 'killed by SIGSEGV, exit 139' for the shell's 128+N convention."""
     if rc > 128:
         try:
-            return f"killed by {signal.Signals(rc - 128).name} (exit {rc})"
+            return f"killed by {signal.Signals(rc - 128).name}, exit {rc}"
         except ValueError:
             pass
     return f"exit {rc}"

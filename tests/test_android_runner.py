@@ -159,7 +159,7 @@ def test_rss_samples_and_exit_descriptions():
     r = stats.parse_rss("1024 1000\n204800 102400\n\n307200 2048\n")
     assert r == {"samples": 3, "peak_rss_mib": 300.0, "max_sampled_vmrss_mib": 100.0}
     assert stats.parse_rss("")["peak_rss_mib"] is None
-    assert stats.describe_exit(139) == "killed by SIGSEGV (exit 139)"
+    assert stats.describe_exit(139) == "killed by SIGSEGV, exit 139"
     assert stats.describe_exit(1) == "exit 1"
     assert stats.stderr_tail("a\n\nb\nc\nd\n") == "b | c | d"
 

@@ -113,7 +113,7 @@ def test_runner_crash_midway_keeps_finished_runs(fake_adb, tiny_ptq_pte, tmp_pat
     assert p.returncode == 2, p.stderr
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "Traceback" not in p.stderr
-    for part in ("crashed on run 2 of 3", "killed by SIGSEGV (exit 139)", "its stderr ends:", "kept 1 finished run",
+    for part in ("crashed on run 2 of 3", "killed by SIGSEGV, exit 139", "its stderr ends:", "kept 1 finished run",
                  str(out)):
         assert part in err[0]
     res = json.loads(out.read_text())["results"][0]
@@ -150,6 +150,21 @@ def test_device_gone_for_good(fake_adb, tiny_ptq_pte, monkeypatch):
     dev.open()
     assert left_on_device(fake_adb) == []
     assert dev.close() is None
+
+
+def test_timeout_stops_the_runner_on_the_device(fake_adb, tiny_ptq_pte):
+    with pytest.raises(BenchFailure, match="run 1 of 2 did not finish within 2 s on emulator-5554; raise --timeout"):
+        bench(tiny_ptq_pte, AdbDevice(), "host", opts(timeout_s=2), progress=False)
+    assert left_on_device(fake_adb) == []
+    still_running = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(fake_adb).encode() in cmdline:
+            still_running.append(cmdline)
+    assert still_running == []
 
 
 def test_runner_for_another_architecture_is_refused(tmp_path):

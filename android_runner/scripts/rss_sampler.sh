@@ -4,9 +4,9 @@
 # sleep), so sampling does not steal a core from the process it measures.
 #
 # usage: sh rss_sampler.sh OUT_DIR INTERVAL_S COMMAND [ARGS...]
-# writes OUT_DIR/stdout, OUT_DIR/stderr (the command's), OUT_DIR/rss ("VmHWM_kB VmRSS_kB" per
-# sample), OUT_DIR/temp (hottest thermal zone before and after, raw sysfs units) and
-# OUT_DIR/rc (its exit status, 128+N when killed by signal N); exits with that status.
+# writes OUT_DIR/stdout, OUT_DIR/stderr (the command's), OUT_DIR/pid, OUT_DIR/rss ("VmHWM_kB VmRSS_kB"
+# per sample), OUT_DIR/temp (hottest thermal zone before and after, raw sysfs units), OUT_DIR/load
+# (1-minute load average before: other work competing for the cores) and OUT_DIR/rc (its exit status, 128+N when killed by signal N); exits with that status.
 
 out=$1
 interval=$2
@@ -26,8 +26,10 @@ hottest() {
 }
 
 hottest > "$out/temp"
+{ read -r load1 rest < /proc/loadavg && echo "$load1" > "$out/load"; } 2> /dev/null
 "$@" > "$out/stdout" 2> "$out/stderr" &
 pid=$!
+echo "$pid" > "$out/pid"  # for the harness to stop it after a timeout or Ctrl-C
 : > "$out/rss"
 while kill -0 "$pid" 2> /dev/null; do
   hwm=
