@@ -29,10 +29,10 @@ def _change(v, base, digits):
     return "n/a" if v is None else f"{v:,.{digits}f}" + (f" ({(v / base - 1) * 100:+.1f}%)" if base else "")
 
 
-def _pm(s: dict | None, digits: int) -> str:
+def _pm(s: dict | None, fmt: str) -> str:
     if not s:
         return "n/a"
-    return f"{s['mean']:.{digits}f}" + ("" if s.get("se") is None else f" ± {s['se']:.{digits}f}")
+    return f"{s['mean']:{fmt}}" + ("" if s.get("se") is None else f" ± {s['se']:{fmt}}")
 
 
 def cells(bench: dict) -> dict:
@@ -45,7 +45,7 @@ def model_card_table(record: dict) -> str:
     base = cells(methods["bf16"]["bench"]) if "bf16" in methods and len(methods) > 1 else {}
     lines = ["| Model | Decode (tokens/sec) | Time-to-first-token (sec) | Prefill (tokens/sec) | Model size (PTE file "
              "size in MiB) | Memory size (RSS in MiB) | Perplexity (WikiText-2) | KL vs BF16 | Top-1 agreement | "
-             "Export (s) |",
+             "Export wall / CPU (s) |",
              "| :---- | ----: | ----: | ----: | ----: | ----: | ----: | ----: | ----: | ----: |"]
     for method, e in methods.items():
         c = cells(e["bench"])
@@ -57,8 +57,8 @@ def model_card_table(record: dict) -> str:
         lines.append("| " + " | ".join([
             label, _speed(c["decode"], rel.get("decode")), _change(c["ttft"], rel.get("ttft"), 3),
             _speed(c["prefill"], rel.get("prefill")), _change(c["size"], rel.get("size"), 1),
-            _change(c["rss"], rel.get("rss"), 0), ppl, _pm(q and q["kl"], 4), _pm(q and q["top1_agreement"], 4),
-            f"{e['export']['wall_s']:.0f}"]) + " |")
+            _change(c["rss"], rel.get("rss"), 0), ppl, _pm(q and q["kl"], ".3g"), _pm(q and q["top1_agreement"], ".4f"),
+            f"{e['export']['wall_s']:.0f} / {e['export']['cpu_s']:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -209,7 +209,7 @@ def chart(record: dict, path: Path) -> None:
     for r in peer_rows(record)[1:]:
         names.append(r["name"].split(" (")[0].replace(" ", "\n", 1))
         decode.append(r["decode"] or 0), size.append(r["size_mib"]), rss.append(r["rss"] or 0)
-    bounds = {r["name"]: r["bound_tok_s"] for r in record.get("roofline") or []}
+    bounds = {r["name"]: r["bound_tok_s"] for r in record.get("roofline") or roofline_rows(record)}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     colors = ["#4c72b0"] * len(record["methods"]) + ["#dd8452", "#55a868"][: len(names) - len(record["methods"])]
     for ax, vals, title in ((axes[0], decode, "Decode (tokens/s)"), (axes[1], size, "Model file (MiB)"),
@@ -222,7 +222,7 @@ def chart(record: dict, path: Path) -> None:
     for i, k in enumerate(keys):
         if k in bounds:
             axes[0].plot([i - 0.4, i + 0.4], [bounds[k]] * 2, color="black", linestyle="--", linewidth=1,
-                         label="memory-bandwidth bound" if i == 0 else None)
+                         label="memory-bandwidth bound" if k == keys[0] else None)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{record['model']} on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
                  f"{record['started_at'][:10]}", fontsize=10)
