@@ -50,6 +50,6 @@ def bench(
             if any(r["runs"] for r in results):
                 typer.echo(report.markdown(results))
             where = f"; finished runs are in {json_out}" if json_out and e.result["runs"] else ""
-            raise PtekitError(f"{m}: {e}{where}") from None
+            raise PtekitError(f"{m}: {e}{where}" if len(models) > 1 else f"{e}{where}") from None
     report.write(results, json_out, markdown_out)
     typer.echo(report.markdown(results))
