@@ -283,6 +283,28 @@ def _check_tokenizers(ref_tok, other_path: Path | None, text: str) -> None:
                           "KL and agreement need the same vocabulary, pass a matching --reference")
 
 
+def _load_pte(opts: EvalOptions, echo):
+    """(logits, target record, reference checkpoint, tokenizer beside the .pte or None)."""
+    from exporter.generate import tokenizer_beside
+    from exporter.manifest import file_sha256
+    from exporter.runtime import PteModel
+
+    path = Path(opts.target)
+    logits = PteLogits(PteModel(path))
+    reference, method = _pte_source(path, opts)
+    logits.check_window(opts.seq_len)
+    if not logits.all_logits:
+        echo(f"note: {path} has no forward_all_logits method, so every position is one decode step "
+             "(about 4x slower than a prefill here); re-export with --eval-method to score it in windows")
+    try:
+        tok = tokenizer_beside(path)
+    except PtekitError:
+        tok = None  # the vocabulary is still checked through the logits' shape
+    record = {"path": str(path), "kind": "pte", "sha256": file_sha256(path), "method": method,
+              "runtime": logits.description}
+    return logits, record, reference, tok
+
+
 # --- the evaluation ----------------------------------------------------------------------------
 
 
@@ -293,32 +315,9 @@ def evaluate(opts: EvalOptions, echo=lambda s: print(s, file=sys.stderr)) -> dic
     t_start, cpu_start = time.perf_counter(), time.process_time()
     data_path = resolve_data(opts.data, opts.allow_calibration_data)
     text = read_text(data_path)
-    target_is_pte = opts.target.endswith(".pte")
-    tgt_tok_path = None
-
-    if target_is_pte:
-        from exporter.runtime import PteModel
-
-        pte_path = Path(opts.target)
-        pte = PteModel(pte_path)
-        reference, method = _pte_source(pte_path, opts)
-        tgt = PteLogits(pte)
-        tgt.check_window(opts.seq_len)
-        if not tgt.all_logits:
-            echo(f"note: {pte_path} has no forward_all_logits method, so every position is one decode step "
-                 "(about 4x slower than a prefill here); re-export with --eval-method to score it in windows")
-        tgt_sha = file_sha256(pte_path)
-        try:
-            from exporter.generate import tokenizer_beside
-
-            tgt_tok_path = tokenizer_beside(pte_path)
-        except PtekitError:
-            tgt_tok_path = None  # the vocabulary is still checked through the logits' shape
-        target_record = {"path": str(pte_path), "kind": "pte", "sha256": tgt_sha, "method": method,
-                         "runtime": tgt.description}
-    else:
-        method = opts.method or "ptq"
-        reference = opts.reference or opts.target
+    pte_side = _load_pte(opts, echo) if opts.target.endswith(".pte") else None
+    reference = pte_side[2] if pte_side else (opts.reference or opts.target)
+    method = pte_side[1]["method"] if pte_side else (opts.method or "ptq")
 
     echo(f"- load reference {reference} ({REFERENCE_METHOD}) ...")
     ref_ckpt, ref_tok, ref_model = _eager(reference, REFERENCE_METHOD, opts.seq_len, opts)
@@ -326,18 +325,20 @@ def evaluate(opts: EvalOptions, echo=lambda s: print(s, file=sys.stderr)) -> dic
     reference_record = {"path": str(reference), "sha256": ref_ckpt.sha256(), "method": REFERENCE_METHOD,
                         "runtime": ref.description}
 
-    target_is_reference = False
-    if not target_is_pte:
-        target_is_reference = method == REFERENCE_METHOD and _same_checkpoint(opts.target, reference)
-        if target_is_reference:
-            # Same weights, same method, same arithmetic: one pass serves both sides.
-            tgt, tgt_ckpt = ref, ref_ckpt
-        else:
-            echo(f"- load target {opts.target} ({method}) ...")
-            tgt_ckpt, tgt_tok, tgt_model = _eager(opts.target, method, opts.seq_len, opts)
-            tgt_tok_path = tgt_tok.path
-            tgt = EagerLogits(tgt_model, "eager torch, " + ("bf16" if method == "bf16" else f"{method} as quantized in torch"))
-        target_record = {"path": str(opts.target), "kind": "checkpoint", "sha256": tgt_ckpt.sha256(), "method": method,
+    # Same weights, same method, same arithmetic: one pass serves both sides.
+    target_is_reference = (pte_side is None and method == REFERENCE_METHOD
+                           and _same_checkpoint(opts.target, reference))
+    if pte_side:
+        tgt, target_record, _, tgt_tok_path = pte_side
+    elif target_is_reference:
+        tgt, tgt_tok_path = ref, None
+        target_record = {"path": opts.target, "kind": "checkpoint", "sha256": reference_record["sha256"],
+                         "method": method, "runtime": ref.description}
+    else:
+        echo(f"- load target {opts.target} ({method}) ...")
+        tgt_ckpt, tgt_tok, tgt_model = _eager(opts.target, method, opts.seq_len, opts)
+        tgt, tgt_tok_path = EagerLogits(tgt_model, f"eager torch, {method} as the method leaves the model"), tgt_tok.path
+        target_record = {"path": opts.target, "kind": "checkpoint", "sha256": tgt_ckpt.sha256(), "method": method,
                          "runtime": tgt.description}
     _check_tokenizers(ref_tok, tgt_tok_path, text)
 

@@ -167,7 +167,7 @@ def test_cli_writes_record_and_summary(tiny_hf, wikitext_test, tmp_path):
     assert r["seconds"]["total"] > 0
 
     # Bad input: one line on stderr, exit code 2, no traceback.
-    p = subprocess.run(cmd[:6] + ["--data", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd[:5] + ["--data", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.txt" in p.stderr
     assert "Traceback" not in p.stderr
