@@ -48,7 +48,8 @@ def export_llama(checkpoint: str, out_dir: Path, max_seq_len: int, bos_id: int, 
            "-qmode", "8da4w", "-G", "32", "-E", "8,0",
            "--max_seq_length", str(max_seq_len), "--max_context_length", str(max_seq_len),
            "--metadata", json.dumps({"get_bos_id": bos_id, "get_eos_ids": eos_ids}),
-           "--output-dir", str(out_dir), "--output_name", "export_llama.pte"]
+           # export_llama resolves --output_name against the working directory, not --output-dir.
+           "--output-dir", str(out_dir), "--output_name", str(out_dir.resolve() / "export_llama.pte")]
     t0 = time.perf_counter()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True)
