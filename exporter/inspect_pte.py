@@ -14,6 +14,9 @@ def describe(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PtekitError(f"{path}: no such .pte file")
+    from exporter.runtime import check_pte_header
+
+    check_pte_header(path)
     data = path.read_bytes()
     try:
         program = deserialize_pte_binary(data).program

@@ -11,6 +11,14 @@ from exporter.errors import PtekitError
 EVAL_METHOD = "forward_all_logits"
 
 
+def check_pte_header(path: Path) -> None:
+    """An ExecuTorch program is a flatbuffer whose file identifier (bytes 4-8) is "ET" + a version."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[4:6] != b"ET":
+        raise PtekitError(f"{path}: not a readable .pte (no ExecuTorch program header); is the file complete?")
+
+
 class PteModel:
     def __init__(self, path: str | Path):
         from exporter.lower import load_executorch_ops
@@ -18,14 +26,15 @@ class PteModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise PtekitError(f"{self.path}: no such .pte file")
+        check_pte_header(self.path)
         load_executorch_ops()
         from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
         try:
             self._module = _load_for_executorch(str(self.path))
+            self.methods = set(self._module.method_names())
         except Exception as e:
-            raise PtekitError(f"{self.path}: ExecuTorch cannot load this file ({e}); is it a complete .pte?") from None
-        self.methods = set(self._module.method_names())
+            raise PtekitError(f"{self.path}: not a readable .pte; ExecuTorch cannot load it ({e}); re-export it") from None
         if "forward" not in self.methods:
             raise PtekitError(f"{self.path}: no 'forward' method; not an LLM .pte")
 
