@@ -20,7 +20,7 @@ Options (inputs.options; values may be strings as a CLI passes them):
   init              auto | identity | hadamard
   r4                true | false
   iterations, lr, momentum, train_batch, train_seq_len, gptq, gptq_samples, gptq_seq_len,
-  damp, act_order, true_sequential, init_eval_batches, checkpoint_layers
+  damp, act_order, true_sequential, init_eval_batches, checkpoint_layers, bf16
 inputs.steps overrides iterations, inputs.calibration the calibration text, inputs.seed the seed.
 """
 
@@ -504,7 +504,7 @@ def save_result(work: Path, fp: str, s: Settings, floats: dict, weights: dict, r
         tensors[f"{name}.qdata"] = q.contiguous()
         tensors[f"{name}.scale"] = scale.contiguous()
     with atomic_path(work / CHECKPOINT) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"fingerprint": fp})
     if r1 is not None:
         with atomic_path(work / ROTATIONS) as tmp:
             save_file({"R1": r1.contiguous(), "R2": r2.contiguous()}, str(tmp))
@@ -535,9 +535,14 @@ def load_result(work: Path, fp: str):
         return None
     if manifest.get("format") != FORMAT or manifest.get("fingerprint") != fp:
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    tensors = load_file(str(work / CHECKPOINT))
+    # The checkpoint carries the fingerprint too: a run that died between writing it and the
+    # manifest must not pair a new checkpoint with an old manifest.
+    with safe_open(str(work / CHECKPOINT), framework="pt") as f:
+        if (f.metadata() or {}).get("fingerprint") != fp:
+            return None
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     weights, floats = {}, {}
     for key, t in tensors.items():
         if key.endswith(".qdata"):

@@ -301,3 +301,22 @@ def test_calibration_files(tmp_path):
     assert data.batch(w, 1, 2).shape == (2, 30) and torch.equal(data.batch(w, 1, 2)[1], w[0])  # cycles
     with pytest.raises(PtekitError, match="only 3 windows of 30, 5 are needed"):
         data.windows(tokens, 30, seed=0, at_least=5)
+
+
+def test_saved_result_is_only_reused_for_the_same_fingerprint(tmp_path):
+    from quant import spinquant
+    from quant.gptq import quantize_rtn
+
+    s = spinquant.PRESETS["cpu"]
+    weights = {"layers.0.attention.wq": quantize_rtn(torch.randn(8, 64))}
+    floats = {"norm.weight": torch.ones(64)}
+    spinquant.save_result(tmp_path, "fp-a", s, floats, weights, None, None, False, {}, {})
+    assert spinquant.load_result(tmp_path, "fp-b") is None
+    loaded_floats, loaded_weights = spinquant.load_result(tmp_path, "fp-a")
+    assert torch.equal(loaded_weights["layers.0.attention.wq"][0], weights["layers.0.attention.wq"][0])
+    # A newer checkpoint beside an older manifest (a run killed between the two writes) is not used.
+    spinquant.save_result(tmp_path, "fp-c", s, floats, weights, None, None, False, {}, {})
+    manifest = json.loads((tmp_path / spinquant.MANIFEST).read_text())
+    manifest["fingerprint"] = "fp-a"
+    (tmp_path / spinquant.MANIFEST).write_text(json.dumps(manifest))
+    assert spinquant.load_result(tmp_path, "fp-a") is None
