@@ -406,16 +406,16 @@ def summary_line(r: dict) -> str:
     t = r["target"]
 
     def pm(s, fmt):
-        return f"{s['mean']:{fmt}}" + ("" if s["se"] is None else f" ± {s['se']:.4f}")
+        return f"{s['mean']:{fmt}}" + ("" if s["se"] is None else f" ± {s['se']:.2g}")
 
     ppl = m["perplexity"]
     ci = "" if ppl["ci95"][0] is None else f" [{ppl['ci95'][0]:.3f}, {ppl['ci95'][1]:.3f}]"
     where = "pte" if t["kind"] == "pte" else "eager"
     w = r["window"]
-    return (f"{Path(t['path']).name} {t['method']} ({where}) on {Path(r['data']['path']).name}, "
+    return (f"{t['path']} {t['method']} ({where}) on {Path(r['data']['path']).name}, "
             f"{w['n_windows']} windows of {w['seq_len']}: PPL {ppl['value']:.3f}{ci} "
             f"(bf16 {m['reference_perplexity']['value']:.3f}, ΔNLL {pm(m['nll_delta'], '+.4f')}), "
-            f"KL {pm(m['kl'], '.4f')}, top-1 {pm(m['top1_agreement'], '.4f')}; "
+            f"KL {pm(m['kl'], '.4g')}, top-1 {pm(m['top1_agreement'], '.4f')}; "
             f"{r['tokens']['predicted']} tokens in {r['seconds']['total']:.0f} s")
 
 
