@@ -57,7 +57,8 @@ class EvalOptions:
     allow_calibration_data: bool = False
     work_dir: Path | None = None  # for methods that optimize (spinquant, qlora)
     steps: int | None = None
-    device: str = "cpu"
+    device: str = "auto"
+    options: dict | None = None  # method options, as `ptekit export --option`
     batch_tokens: int = BATCH_TOKENS
     progress: bool = True
 
@@ -240,7 +241,8 @@ def _eager(checkpoint: str, method: str, seq_len: int, opts: EvalOptions):
     work = opts.work_dir or Path(f"{method}-work")
 
     def inputs_for(tok):
-        return MethodInputs(work_dir=Path(work), tokenizer=tok, device=opts.device, steps=opts.steps)
+        return MethodInputs(work_dir=Path(work), tokenizer=tok, device=opts.device, steps=opts.steps,
+                            options=dict(opts.options or {}))
 
     # Positions 0..N-2 are run; the model's RoPE tables need that many.
     return load_for_method(checkpoint, method, inputs_for, max_seq_len=seq_len)

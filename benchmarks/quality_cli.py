@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -21,16 +21,18 @@ def eval_command(
     allow_calibration_data: bool = typer.Option(False, "--allow-calibration-data", help="Allow WikiText-2's validation split, the data the methods calibrate and train on (refused by default: scores on it are flattering)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="For spinquant/qlora: where the method keeps what it learns (default: ./<method>-work)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="For spinquant/qlora: optimization steps (default: the method's)."),
-    device: str = typer.Option("cpu", "--device", help="For spinquant/qlora: where they optimize."),
+    device: str = typer.Option("auto", "--device", help="For spinquant/qlora: where they optimize: auto (CUDA when present), cpu or cuda."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: rank=N, ...). See the method's module docstring in quant/."),
     batch_tokens: int = typer.Option(BATCH_TOKENS, "--batch-tokens", help="Eager path: about this many tokens per forward (memory: 4 bytes x vocab per token per model)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or stage lines."),
 ):
     """Perplexity, KL divergence from the BF16 model, and top-1 agreement with it, each with its standard error over windows."""
     from benchmarks.quality import EvalOptions, evaluate, summary_line, write_record
+    from quant.method import parse_options
 
     opts = EvalOptions(target=target, method=method, reference=reference, data=data, seq_len=seq_len,
                        max_tokens=max_tokens, allow_calibration_data=allow_calibration_data, work_dir=work_dir,
-                       steps=steps, device=device, batch_tokens=batch_tokens, progress=not quiet)
+                       steps=steps, device=device, options=parse_options(option), batch_tokens=batch_tokens, progress=not quiet)
     record = evaluate(opts, echo=(lambda s: None) if quiet else (lambda s: typer.echo(s, err=True)))
     if json_out is not None:
         write_record(json_out, record)

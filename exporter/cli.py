@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -64,16 +64,19 @@ def export(
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="KV cache length in the .pte (prompt + generated tokens)."),
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL for spinquant and qlora (default: WikiText-2 validation text in ../shared/data)."),
-    device: str = typer.Option("cpu", "--device", help="Where spinquant/qlora optimize: cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: rank=N, ...). See the method's module docstring in quant/."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Quantize a checkpoint with METHOD and lower it to an XNNPACK .pte."""
     from exporter.pipeline import export as run_export
+    from quant.method import parse_options
 
     stages = Stages(quiet)
     res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method,
-                     calibration=calibration, device=device, steps=steps, stage=stages)
+                     calibration=calibration, device=device, steps=steps, options=parse_options(option),
+                     stage=stages)
     stages.done()
     m = res.manifest
     typer.echo(f"{res.pte}  {m['pte_bytes'] / 1e6:.1f} MB  method={method}  "

@@ -74,7 +74,7 @@ class _null:
 
 
 def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int = 2048, eval_method: bool = False,
-           calibration: Path | None = None, device: str = "cpu", steps: int | None = None, options: dict | None = None,
+           calibration: Path | None = None, device: str = "auto", steps: int | None = None, options: dict | None = None,
            stage=lambda name: None) -> ExportResult:
     out_dir = ensure_writable_dir(Path(out_dir))
     seconds = {}

@@ -33,16 +33,19 @@ def _bounds() -> tuple[int, int]:
 
 
 def group_scales(w: torch.Tensor, group_size: int = scheme.GROUP_SIZE) -> torch.Tensor:
-    """torchao's symmetric scale per group: [rows, cols / group_size]."""
+    """torchao's symmetric scale per group, rounded to the dtype the .pte stores it in: [rows, cols / group_size]."""
     qmin, qmax = _bounds()
     amax = w.float().reshape(w.shape[0], -1, group_size).abs().amax(-1)
-    return torch.clamp(amax / ((qmax - qmin) / 2), min=torch.finfo(torch.float32).eps)
+    s = torch.clamp(amax / ((qmax - qmin) / 2), min=torch.finfo(torch.float32).eps)
+    return s.to(scheme.GROUP_SCALE_DTYPE).float()
 
 
 def round_to_grid(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Integers for w given per-element (broadcast) scales, as torchao's quantize_affine rounds."""
+    """Integers for w given per-element (broadcast) scales, as torchao's quantize_affine rounds
+    (it takes the reciprocal in the scale's dtype)."""
     qmin, qmax = _bounds()
-    return torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax)
+    inv = (1.0 / scale.to(scheme.GROUP_SCALE_DTYPE)).float()
+    return torch.clamp(torch.round(w * inv), qmin, qmax)
 
 
 def quantize_rtn(w: torch.Tensor, group_size: int = scheme.GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +140,11 @@ def int4_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # The fields below are what torchao's handler for this config sets; guard against a scheme
     # change this function would not follow.
     assert isinstance(cfg.weight_granularity, PerGroup) and cfg.intx_packing_format == IntxPackingFormat.UNPACKED_TO_INT8
+    assert cfg.weight_scale_dtype == scheme.GROUP_SCALE_DTYPE
     group = cfg.weight_granularity.group_size
     return IntxUnpackedToInt8Tensor(
         qdata=q.to(torch.int8).contiguous(),
-        scale=scale.float().reshape(q.shape[0], q.shape[1] // group).contiguous(),
+        scale=scale.to(scheme.GROUP_SCALE_DTYPE).reshape(q.shape[0], q.shape[1] // group).contiguous(),
         zero_point=torch.zeros(q.shape[0], q.shape[1] // group, dtype=torch.int8, device=q.device),
         target_dtype=cfg.weight_dtype,
         block_size=(1, group),

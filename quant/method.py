@@ -17,7 +17,26 @@ class MethodInputs:
     work_dir: Path  # the method's own artefacts and resume state
     tokenizer: object | None = None  # exporter.tokenizer.Tokenizer
     calibration: Path | None = None  # text or JSONL for calibration/training; None: the method's default
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else CPU
     steps: int | None = None  # training/optimization steps; None: the method's default
     seed: int = 0
     options: dict = field(default_factory=dict)  # method-specific flags from the CLI
+
+    def __post_init__(self):
+        if self.device == "auto":
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """["rotation=hadamard", "gptq=false"] -> {"rotation": "hadamard", "gptq": "false"}; the method parses values."""
+    from exporter.errors import PtekitError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise PtekitError(f"--option {pair!r}: expected KEY=VALUE, for example --option rotation=hadamard")
+        out[key.strip()] = value.strip()
+    return out

@@ -18,6 +18,10 @@ GROUP_SIZE = 32
 CLASSIFIER_WEIGHT_DTYPE = torch.int8
 EMBEDDING_WEIGHT_DTYPE = torch.int8
 ACTIVATION_DTYPE = torch.int8  # per token, dynamic
+# XNNPACK stores the scales of group-quantized weights in bf16 (executorch's node_visitor casts
+# them when it serializes). Quantizing against bf16 scales from the start makes the eager model,
+# GPTQ's error feedback and QAT's fake quantizers hold exactly the numbers the .pte holds.
+GROUP_SCALE_DTYPE = torch.bfloat16
 
 DESCRIPTION = {
     "block_linears": "int4 weights, symmetric, per group of 32; int8 per-token dynamic activations",
@@ -30,7 +34,9 @@ def block_linear_config():
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerGroup
 
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=BLOCK_WEIGHT_DTYPE, weight_granularity=PerGroup(GROUP_SIZE))
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=BLOCK_WEIGHT_DTYPE, weight_granularity=PerGroup(GROUP_SIZE), weight_scale_dtype=GROUP_SCALE_DTYPE
+    )
 
 
 def classifier_config():
@@ -45,7 +51,9 @@ def qat_block_linear_configs():
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
     act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-    weight = IntxFakeQuantizeConfig(BLOCK_WEIGHT_DTYPE, group_size=GROUP_SIZE, is_symmetric=True)
+    weight = IntxFakeQuantizeConfig(
+        BLOCK_WEIGHT_DTYPE, group_size=GROUP_SIZE, is_symmetric=True, scale_precision=GROUP_SCALE_DTYPE
+    )
     return act, weight
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from exporter.atomic import atomic_path, write_text
 from exporter.errors import PtekitError
-from quant import data, rotation
+from quant import data, rotation, scheme
 from quant.cayley import CayleySGD
 from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn, set_int4_weight
 from quant.hadamard import random_hadamard
@@ -147,7 +147,8 @@ class _FakeQuantWeight(torch.autograd.Function):
     def forward(ctx, w, group_size: int, qmin: int, qmax: int):
         g = w.reshape(*w.shape[:-1], -1, group_size)
         lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
-        scale = torch.maximum(-lo, hi).div_((qmax - qmin) / 2).clamp_(min=_EPS)
+        # Scales rounded to the dtype the .pte stores them in, as torchao rounds them (quant.scheme).
+        scale = torch.maximum(-lo, hi).div_((qmax - qmin) / 2).clamp_(min=_EPS).to(scheme.GROUP_SCALE_DTYPE)
         q = g * (1.0 / scale)
         return q.round_().clamp_(qmin, qmax).mul_(scale).reshape(w.shape)
 

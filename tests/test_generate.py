@@ -20,24 +20,40 @@ def test_greedy_answer_is_coherent_english(smollm2_ptq_pte):
     assert len(words) >= 4 and all(w.isascii() for w in words), answer
 
 
+def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean KL(p || q) over positions, from logits."""
+    return torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1).mean().item()
+
+
 def test_smollm2_pte_logits_match_eager_quantized(smollm2_hf, smollm2_ptq_pte, wikitext_test):
-    """On 96 tokens of real text, decoded one position at a time through `forward` (what the
-    phone runs): the argmax agrees at >= 90% of positions and the max |logit difference| stays
-    under 10% of the logit range (XNNPACK and torchao round the dynamic activation quantization
-    slightly differently; the tiny model's test holds the tighter 95% / 2%)."""
+    """On 96 tokens of real text decoded one position at a time (what the phone runs), the .pte
+    differs from the eager quantized model no more than that model differs from itself when it reads
+    the same text all at once instead of one token at a time.
+
+    Why a floor and not a fixed tolerance: with 8-bit dynamic activations, a last-bit difference in
+    float arithmetic occasionally moves one activation across a rounding boundary; SmolLM2's massive
+    activations make that step large, and the KV cache carries it to every later position. Eager vs
+    eager shows this noise (measured: KL 0.027, 91% argmax on this text); a .pte that stored
+    different numbers (fp32 group scales where XNNPACK keeps bf16, a wrong weight) lies above it."""
     from quant.ptq import quantize
 
     tok = Tokenizer(smollm2_hf / "tokenizer.json")
     ids = tok.encode(wikitext_test.read_text()[:4000])[:96]
     with torch.no_grad():
         model = quantize(build_model(load_checkpoint(smollm2_hf), max_seq_len=512))
-        eager = model(torch.tensor([ids]))[0]
+        reference = build_model(load_checkpoint(smollm2_hf), max_seq_len=512).float()
+        whole = model(torch.tensor([ids]))[0]
+        bf16_to_ptq = _kl(reference(torch.tensor([ids]))[0], whole)
+        model.setup_caches(torch.float32)
+        stepwise = torch.stack([model(torch.tensor([[t]]), torch.tensor([i]))[0, -1] for i, t in enumerate(ids)])
     pte = PteModel(smollm2_ptq_pte)
-    ours = torch.stack([pte.forward(ids[:1], 0)] + [pte.forward([t], i) for i, t in enumerate(ids[1:], start=1)])
-    span = (eager.max() - eager.min()).item()
-    agree = (ours.argmax(-1) == eager.argmax(-1)).float().mean().item()
-    assert agree >= 0.90, agree
-    assert (ours - eager).abs().max().item() < 0.10 * span
+    ours = torch.stack([pte.forward([t], i) for i, t in enumerate(ids)])
+    floor = _kl(whole, stepwise)
+    assert _kl(stepwise, ours) <= 2 * floor + 1e-3, (_kl(stepwise, ours), floor)
+    # ...and that noise is small beside what quantization itself costs.
+    assert _kl(stepwise, ours) < 0.15 * bf16_to_ptq, (_kl(stepwise, ours), bf16_to_ptq)
+    assert (ours.argmax(-1) == stepwise.argmax(-1)).float().mean().item() >= 0.85
 
 
 def test_generate_cli_streams_answer(smollm2_ptq_pte):
