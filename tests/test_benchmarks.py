@@ -25,7 +25,6 @@ def suite_run(tiny_hf, tmp_path_factory):
     return out, proc.stdout, cmd
 
 
-@pytest.mark.slow  # never completed a run on this session's saturated machine: kept out of CI until it has
 def test_suite_writes_table_json_and_chart(suite_run):
     out, stdout, _ = suite_run
     record = json.loads((out / "benchmarks.json").read_text())
@@ -57,7 +56,6 @@ def test_suite_writes_table_json_and_chart(suite_run):
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow  # never completed a run on this session's saturated machine: kept out of CI until it has
 def test_rerun_resumes_without_exporting_again(suite_run):
     out, _, cmd = suite_run
     before = {m: (out / m / "model.pte").stat().st_mtime_ns for m in ("bf16", "ptq")}
@@ -68,7 +66,6 @@ def test_rerun_resumes_without_exporting_again(suite_run):
     assert json.loads((out / "ptq" / "bench.json").read_text())["started_at"] == bench_before
 
 
-@pytest.mark.slow  # never completed a run on this session's saturated machine: kept out of CI until it has
 def test_computed_size_matches_the_real_pte(suite_run, tiny_hf):
     """sizes.py's arithmetic (4-bit blocks, bf16 group scales, int8 tables) against the real files:
     what is left over is the program itself, a few tens of KB."""
