@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def main():
 
     model = build_model(load_checkpoint(resolve_checkpoint_arg(a.checkpoint)), max_seq_len=a.max_seq_len)
     model.layers = nn.ModuleList(list(model.layers)[: a.layers])
-    object.__setattr__(model.config, "n_layers", a.layers)  # the config is frozen; metadata reads it
+    model.config = dataclasses.replace(model.config, n_layers=a.layers)  # the .pte metadata reads it
     model = apply_scheme(model)
     opts = LowerOptions(max_seq_len=a.max_seq_len)
     prof = cProfile.Profile()

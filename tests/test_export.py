@@ -121,6 +121,7 @@ def test_info_reports_delegation(tiny_ptq_pte):
         (["generate", "{tmp}/missing.pte", "--prompt", "hi"], "no such .pte file"),
         (["info", "{tmp}/garbage.pte"], "not a readable .pte"),
         (["import-gguf", "{tmp}/garbage.pte", "{tmp}/o"], "not a readable GGUF file"),
+        (["export", "{tiny}", "-o", "{tmp}/o", "--method", "spinquant", "--option", "rotation"], "expected KEY=VALUE"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, tiny_hf, tmp_path):
