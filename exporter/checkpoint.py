@@ -222,10 +222,7 @@ def build_model(ckpt: Checkpoint, max_seq_len: int | None = None, dtype=torch.fl
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=False)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    # Buffers on the meta device were not loaded: rebuild them.
-    from exporter.model import rope_frequencies
-
-    model.freqs_cos, model.freqs_sin = rope_frequencies(cfg)
+    model.init_constants()  # buffers on the meta device were not loaded: rebuild them
     return model.to(dtype).eval()
 
 

@@ -24,11 +24,12 @@ from exporter.config import ModelConfig, RopeScaling
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_seq_len, head_dim]: each frequency twice, for both members of its pair."""
     half = cfg.head_dim // 2
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / cfg.head_dim))
     if cfg.rope_scaling is not None:
         freqs = _llama3_scaling(freqs, cfg.rope_scaling)
-    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), freqs)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), freqs).repeat_interleave(2, dim=-1)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -43,14 +44,26 @@ def _llama3_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), mid, out)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D]; cos, sin: [S, D/2]. Rotates adjacent pairs (Meta's layout)."""
-    xr = x.reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xr.unbind(-1)
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def pair_swap(d: int) -> torch.Tensor:
+    """The [d, d] matrix P with x @ P.T = (-x1, x0, -x3, x2, ...): RoPE's rotation by 90 degrees.
+
+    As a matmul it stays inside XNNPACK; slicing the pairs apart (a slice of dynamic length)
+    would leave the delegate and split every layer's graph in four.
+    """
+    p = torch.zeros(d, d)
+    idx = torch.arange(0, d, 2)
+    p[idx, idx + 1] = -1.0
+    p[idx + 1, idx] = 1.0
+    return p
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, H, D]; cos, sin: [S, D] (rope_frequencies); swap: pair_swap(D)."""
+    B, H, D = x.shape[0], x.shape[2], x.shape[3]
+    # Reshapes infer the sequence length (-1): XNNPACK delegates those, not symbolic ones.
+    swapped = F.linear(x.reshape(B, -1, D), swap.to(x.dtype)).view(B, -1, H, D)
+    out = x * cos.view(-1, 1, D) + swapped * sin.view(-1, 1, D)
+    return out.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -62,7 +75,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:  # bf16 models normalize in fp32, as Meta's code does
             return self.forward(x.float()).to(x.dtype)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # The mean over a trailing [D, 1] pair of dims: XNNPACK delegates a mean only as 4D global
+        # pooling, and a mean left outside it would split every layer's graph at each norm.
+        B, D = x.shape[0], x.shape[-1]
+        ms = x.pow(2).view(B, -1, D, 1).mean((2, 3), keepdim=True).view(B, -1, 1)
+        return x * torch.rsqrt(ms + self.eps) * self.weight
 
 
 class Attention(nn.Module):
@@ -74,6 +91,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.use_executorch_ops = False
+        self.register_buffer("rope_swap", pair_swap(self.head_dim), persistent=False)
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
@@ -83,11 +101,12 @@ class Attention(nn.Module):
         self.v_cache = torch.zeros(shape, dtype=dtype)
 
     def forward(self, x, cos, sin, start: int | None = None):
-        B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # -1 for the sequence: XNNPACK delegates a reshape with one inferred dimension, not a symbolic one.
+        B, S = x.shape[0], x.shape[1]
+        q = self.wq(x).view(B, -1, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, -1, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, -1, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin, self.rope_swap), apply_rope(k, cos, sin, self.rope_swap)
 
         if start is None:
             y = self._attend(q, k, v, mask=None)
@@ -101,7 +120,7 @@ class Attention(nn.Module):
             positions = torch.arange(start, start + S)
             mask = torch.arange(self.k_cache.shape[1])[None, :] <= positions[:, None]
             y = self._attend(q, self.k_cache.type_as(q), self.v_cache.type_as(q), mask)
-        return self.wo(y.reshape(B, S, -1))
+        return self.wo(y.reshape(B, -1, self.n_heads * self.head_dim))
 
     def _attend(self, q, k, v, mask):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
@@ -147,12 +166,19 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_frequencies(cfg)
-        self.register_buffer("freqs_cos", cos, persistent=False)
-        self.register_buffer("freqs_sin", sin, persistent=False)
+        self.register_buffer("freqs_cos", None, persistent=False)
+        self.register_buffer("freqs_sin", None, persistent=False)
+        self.init_constants()
         # The .pte returns only the last position's logits (what a runner samples from);
         # evaluation and training want every position.
         self.last_logits_only = False
+
+    def init_constants(self):
+        """(Re)builds the buffers that are computed, not loaded: RoPE tables and the pair swap."""
+        self.freqs_cos, self.freqs_sin = rope_frequencies(self.config)
+        swap = pair_swap(self.config.head_dim)  # one tensor for all layers: one constant in the .pte
+        for layer in self.layers:
+            layer.attention.rope_swap = swap
 
     def setup_caches(self, dtype: torch.dtype = torch.float32):
         for layer in self.layers:
