@@ -72,7 +72,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--export-llama-result", type=Path, default=None,
-                    help="reuse a finished export_llama run (its JSON from benchmarks.export_llama_peer) instead of exporting again")
+                    help="reuse a finished export_llama run (OUT/export_llama/peer.json, or the JSON that "
+                         "benchmarks.export_llama_peer prints) instead of exporting again")
     a = ap.parse_args()
     from benchmarks.export_llama_peer import export_llama
 
@@ -87,6 +88,8 @@ def main():
     else:
         peer = export_llama(a.checkpoint, a.out / "export_llama", a.max_seq_len, man["lowering"]["bos_id"],
                             man["lowering"]["eos_ids"])
+        # Kept so a rerun can take --export-llama-result instead of another quarter of an hour.
+        (a.out / "export_llama" / "peer.json").write_text(json.dumps(peer, indent=2))
     prompt = prompt_tokens(ours_dir / man["tokenizer"], 64)
     result = {
         "checkpoint": a.checkpoint, "max_seq_len": a.max_seq_len,
