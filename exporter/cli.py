@@ -76,7 +76,7 @@ def export(
     stages = Stages(quiet)
     res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method,
                      calibration=calibration, device=device, steps=steps, options=parse_options(option),
-                     stage=stages)
+                     stage=stages, progress=not quiet)
     stages.done()
     m = res.manifest
     typer.echo(f"{res.pte}  {m['pte_bytes'] / 1e6:.1f} MB  method={method}  "

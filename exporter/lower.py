@@ -26,6 +26,7 @@ class LowerOptions:
     # can score the file itself. It shares the weights with forward (the .pte grows by a few KB)
     # but costs about half again the lowering time, so it is opt-in.
     eval_method: bool = False
+    progress: bool = False  # a bar per lowering phase on stderr
 
 
 def load_executorch_ops() -> None:
@@ -68,9 +69,10 @@ def metadata(model: Transformer, opts: LowerOptions) -> dict:
     return md
 
 
-def export_programs(model: Transformer, opts: LowerOptions) -> dict:
+def export_programs(model: Transformer, opts: LowerOptions, advance=lambda name: None) -> dict:
     """torch.export of the cached forward: tokens [1, S] (S dynamic), input_pos [1]."""
     load_executorch_ops()
+    advance("torch.export forward")
     model = prepare_for_export(model, model_dtype(model))
     example = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     seq = torch.export.Dim("seq_len", min=1, max=opts.max_seq_len - 1)
@@ -78,6 +80,7 @@ def export_programs(model: Transformer, opts: LowerOptions) -> dict:
     with torch.no_grad():
         programs["forward"] = torch.export.export(model, example, dynamic_shapes=({1: seq}, None), strict=False)
         if opts.eval_method:
+            advance(f"torch.export {EVAL_METHOD}")
             model.last_logits_only = False
             programs[EVAL_METHOD] = torch.export.export(model, example, dynamic_shapes=({1: seq}, None), strict=False)
             model.last_logits_only = True
@@ -103,7 +106,7 @@ def delegation_stats(edge) -> dict:
             "ops_outside": dict(sorted(outside.items()))}
 
 
-def to_pte_bytes(programs: dict, md: dict, bf16: bool = False) -> tuple[bytes, dict]:
+def to_pte_bytes(programs: dict, md: dict, bf16: bool = False, advance=lambda name: None) -> tuple[bytes, dict]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -112,6 +115,7 @@ def to_pte_bytes(programs: dict, md: dict, bf16: bool = False) -> tuple[bytes, d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger().setLevel(logging.WARNING)
+        advance("to_edge_transform_and_lower (XNNPACK)")
         edge = to_edge_transform_and_lower(
             programs,
             # One greedy partitioner takes the dynamically quantized linears and the ops between
@@ -120,6 +124,7 @@ def to_pte_bytes(programs: dict, md: dict, bf16: bool = False) -> tuple[bytes, d
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
             constant_methods=md,
         )
+        advance("to_executorch")
         et = edge.to_executorch(
             ExecutorchBackendConfig(
                 extract_delegate_segments=True,
@@ -133,5 +138,10 @@ def to_pte_bytes(programs: dict, md: dict, bf16: bool = False) -> tuple[bytes, d
 
 def lower(model: Transformer, opts: LowerOptions) -> tuple[bytes, dict]:
     """The .pte bytes and the delegation statistics."""
+    from exporter.progress import phases
+
     bf16 = model_dtype(model) == torch.bfloat16
-    return to_pte_bytes(export_programs(model, opts), metadata(model, opts), bf16=bf16)
+    # torch.export of each method, then the edge/XNNPACK lowering, then emitting the program.
+    with phases("lower", 1 + opts.eval_method + 2, enabled=opts.progress) as advance:
+        programs = export_programs(model, opts, advance)
+        return to_pte_bytes(programs, metadata(model, opts), bf16=bf16, advance=advance)

@@ -75,7 +75,7 @@ class _null:
 
 def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int = 2048, eval_method: bool = False,
            calibration: Path | None = None, device: str = "auto", steps: int | None = None, options: dict | None = None,
-           stage=lambda name: None) -> ExportResult:
+           stage=lambda name: None, progress: bool = False) -> ExportResult:
     out_dir = ensure_writable_dir(Path(out_dir))
     seconds = {}
     t0 = time.perf_counter()
@@ -90,7 +90,8 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
     stage("lower to XNNPACK")
     t1 = time.perf_counter()
     eos = tuple(tok.eos_ids) or tuple(filter(None, [ckpt.extra.get("eos_token_id")]))
-    opts = LowerOptions(max_seq_len=max_seq_len, bos_id=tok.bos_id, eos_ids=eos, eval_method=eval_method)
+    opts = LowerOptions(max_seq_len=max_seq_len, bos_id=tok.bos_id, eos_ids=eos, eval_method=eval_method,
+                        progress=progress)
     pte_bytes, delegation = lower(model, opts)
     seconds["lower"] = round(time.perf_counter() - t1, 2)
 
