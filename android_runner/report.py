@@ -104,7 +104,8 @@ def notes(results: list[dict]) -> str:
     if loads:
         cores = r["device"].get("facts", {}).get("cores", "?")
         out.append(f"1-minute load average before the measured runs: {min(loads):.1f} to {max(loads):.1f} on {cores} "
-                   "cores (other work competing with the runner).")
+                   "cores; a 1-minute average still counts this benchmark's own previous runs, so only a "
+                   "figure well above the runner's threads means other work competed with it.")
     before = [x["rss_before_model_load_mib"] for x in r["runs"] if x.get("rss_before_model_load_mib")]
     if before:
         out.append(f"The host runner's RSS includes about {min(before):.0f} MiB of Python + libtorch held before the "
