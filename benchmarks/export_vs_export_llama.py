@@ -76,6 +76,7 @@ def main():
                          "benchmarks.export_llama_peer prints) instead of exporting again")
     a = ap.parse_args()
     from benchmarks.export_llama_peer import export_llama
+    from exporter.atomic import write_text
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     ours_dir = a.out / "ptekit"
@@ -89,7 +90,7 @@ def main():
         peer = export_llama(a.checkpoint, a.out / "export_llama", a.max_seq_len, man["lowering"]["bos_id"],
                             man["lowering"]["eos_ids"])
         # Kept so a rerun can take --export-llama-result instead of another quarter of an hour.
-        (a.out / "export_llama" / "peer.json").write_text(json.dumps(peer, indent=2))
+        write_text(a.out / "export_llama" / "peer.json", json.dumps(peer, indent=2))
     prompt = prompt_tokens(ours_dir / man["tokenizer"], 64)
     result = {
         "checkpoint": a.checkpoint, "max_seq_len": a.max_seq_len,

@@ -91,7 +91,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.use_executorch_ops = False
-        self.register_buffer("rope_swap", pair_swap(self.head_dim), persistent=False)
+        self.register_buffer("rope_swap", None, persistent=False)  # Transformer.init_constants shares one
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
