@@ -60,6 +60,9 @@ class EvalOptions:
     device: str = "auto"
     options: dict | None = None  # method options, as `ptekit export --option`
     batch_tokens: int = BATCH_TOKENS
+    # Eager targets: torchao's own fp32 path instead of bf16 GEMMs on pre-dequantized weights
+    # (quant.eval_view); about 3x slower, for checking that the fast path moves nothing.
+    exact_eager: bool = False
     progress: bool = True
 
 
@@ -340,7 +343,15 @@ def evaluate(opts: EvalOptions, echo=lambda s: print(s, file=sys.stderr)) -> dic
     else:
         echo(f"- load target {opts.target} ({method}) ...")
         tgt_ckpt, tgt_tok, tgt_model = _eager(opts.target, method, opts.seq_len, opts)
-        tgt, tgt_tok_path = EagerLogits(tgt_model, f"eager torch, {method} as the method leaves the model"), tgt_tok.path
+        description = f"eager torch, {method} as the method leaves the model (torchao, fp32 GEMMs)"
+        if not opts.exact_eager:
+            from quant.eval_view import bf16_gemm_view
+
+            tgt_model, n_views = bf16_gemm_view(tgt_model)
+            if n_views:
+                description = (f"eager torch, {method}: {n_views} quantized linears as bf16 GEMMs on their dequantized "
+                               "weights, int8 per-token activation fake quantization (quant.eval_view)")
+        tgt, tgt_tok_path = EagerLogits(tgt_model, description), tgt_tok.path
         target_record = {"path": opts.target, "kind": "checkpoint", "sha256": tgt_ckpt.sha256(), "method": method,
                          "runtime": tgt.description}
     _check_tokenizers(ref_tok, tgt_tok_path, text)

@@ -24,6 +24,7 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="For spinquant/qlora: where they optimize: auto (CUDA when present), cpu or cuda."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: rank=N, ...). See the method's module docstring in quant/."),
     batch_tokens: int = typer.Option(BATCH_TOKENS, "--batch-tokens", help="Eager path: about this many tokens per forward (memory: 4 bytes x vocab per token per model)."),
+    exact_eager: bool = typer.Option(False, "--exact-eager", help="Eager quantized target: torchao's own path (fp32 GEMMs, weights dequantized on every call; about 3x slower) instead of bf16 GEMMs on weights dequantized once, the reference's arithmetic."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or stage lines."),
 ):
     """Perplexity, KL divergence from the BF16 model, and top-1 agreement with it, each with its standard error over windows."""
@@ -32,7 +33,8 @@ def eval_command(
 
     opts = EvalOptions(target=target, method=method, reference=reference, data=data, seq_len=seq_len,
                        max_tokens=max_tokens, allow_calibration_data=allow_calibration_data, work_dir=work_dir,
-                       steps=steps, device=device, options=parse_options(option), batch_tokens=batch_tokens, progress=not quiet)
+                       steps=steps, device=device, options=parse_options(option), batch_tokens=batch_tokens,
+                       exact_eager=exact_eager, progress=not quiet)
     record = evaluate(opts, echo=(lambda s: None) if quiet else (lambda s: typer.echo(s, err=True)))
     if json_out is not None:
         write_record(json_out, record)
