@@ -5,9 +5,10 @@ multiplies in fp32; on a CPU with bf16 dot products that is two to three times s
 bf16 reference it is compared with, and it made an eager ptq evaluation of SmolLM2 take over 20
 minutes. Here each quantized linear keeps its dequantized weight in bf16 (int4 x bf16 group scale
 and int8 x fp32 channel scale, rounded once to bf16: 8 significant bits), its input still goes
-through torchao's own int8 per-token fake quantization in fp32, and only the GEMM runs in bf16 —
-the arithmetic of the bf16 reference, so the comparison is like for like. Everything else (the
-int8 embedding, norms, attention, LoRA branches) is untouched.
+through torchao's own int8 per-token quantization rule in fp32, and the GEMM runs in bf16. The
+rest of the model runs as the bf16 reference does (norms, attention, LoRA branches in bf16; the
+int8 embedding keeps its fp32 scales and hands its rows on in bf16), so target and reference are
+computed in the same arithmetic and differ by the quantization alone.
 
 How far this moves the figures from torchao's exact fp32 path is measured, not assumed: see
 BENCHMARKS.md (eval section) and tests/test_quality.py.
