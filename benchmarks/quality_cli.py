@@ -24,7 +24,7 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="For spinquant/qlora: where they optimize: auto (CUDA when present), cpu or cuda."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: rank=N, ...). See the method's module docstring in quant/."),
     batch_tokens: int = typer.Option(BATCH_TOKENS, "--batch-tokens", help="Eager path: about this many tokens per forward (memory: 4 bytes x vocab per token per model)."),
-    exact_eager: bool = typer.Option(False, "--exact-eager", help="Eager quantized target: torchao's own path (fp32 GEMMs, weights dequantized on every call; about 3x slower) instead of bf16 GEMMs on weights dequantized once, the reference's arithmetic."),
+    exact_eager: bool = typer.Option(False, "--exact-eager", help="Eager quantized target: torchao's own path (fp32 GEMMs, weights dequantized on every call; about 1.5x slower) instead of bf16 GEMMs on weights dequantized once, the reference's arithmetic."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or stage lines."),
 ):
     """Perplexity, KL divergence from the BF16 model, and top-1 agreement with it, each with its standard error over windows."""
