@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant import scheme
+
 
 class _LastInput:
     """The last activation fake-quantized and its result, shared by a model's linears: wq, wk and
@@ -33,7 +35,7 @@ class _LastInput:
         # which cannot be changed in place outside inference mode) catches in-place changes.
         version = None if x.is_inference() else x._version
         if self.key is None or self.key[0] is not x or self.key[1] != version:
-            self.key, self.value = (x, version), _int8_per_token_fake_quant(x).to(torch.bfloat16)
+            self.key, self.value = (x, version), scheme.int8_per_token_fake_quant(x).to(torch.bfloat16)
         return self.value
 
 
@@ -54,18 +56,6 @@ class Bf16GemmLinear(nn.Module):
             x = self.hadamard(x.float())
         x = self.last.fake_quant(x) if self.quantize_input else x.to(torch.bfloat16)
         return F.linear(x, self.weight, self.bias)
-
-
-def _int8_per_token_fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """torchao's int8 asymmetric per-token quantize-dequantize of x in fp32, bit for bit
-    (tests/test_quality.py), in five passes instead of its dozen allocating ones: clamping
-    round(x/scale) to [-128 - zero, 127 - zero] is its clamp(round(x/scale) + zero, -128, 127) - zero,
-    exactly, since zero is an integer."""
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # exact in x's dtype; the rest in fp32
-    lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
-    scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).smallest_normal)
-    zero = (-128 - torch.round(lo / scale)).clamp(-128, 127)
-    return (x * (1.0 / scale)).round_().clamp_(-128 - zero, 127 - zero).mul_(scale)
 
 
 def _quantized_weight(linear: nn.Module):

@@ -165,13 +165,7 @@ class _FakeQuantAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        xf = x.float()
-        lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)
-        lo, hi = lo.clamp_(max=0), hi.clamp_(min=0)
-        scale = ((hi - lo) / 255.0).clamp_(min=_EPS)
-        zero = torch.clamp(-128 - torch.round(lo / scale), -128, 127)
-        q = xf * (1.0 / scale)
-        return q.round_().add_(zero).clamp_(-128, 127).sub_(zero).mul_(scale).to(x.dtype)
+        return scheme.int8_per_token_fake_quant(x).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):

@@ -194,7 +194,7 @@ def test_fast_fake_quant_is_torchaos_bit_for_bit():
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         _apply_int8_act_asym_per_token_quant_dequant as torchao_fake_quant)
 
-    from quant.eval_view import _int8_per_token_fake_quant
+    from quant.scheme import int8_per_token_fake_quant as _int8_per_token_fake_quant
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 17, 96, generator=g) * 4 + 1
