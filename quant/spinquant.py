@@ -6,7 +6,8 @@
    (quant.cayley) on the next-token loss of the rotated network with its block weights
    fake-quantized to 4-bit group-32 and every block linear's and the classifier's input
    fake-quantized to 8-bit per token, straight-through gradients, as the .pte computes. The start
-   is the identity or a random Hadamard matrix, whichever gives the lower quantized loss.
+   is the identity or a random Hadamard matrix, whichever gives the lower quantized loss over
+   the first few steps of the optimization (init_probe).
 3. Merge R1, R2 into the weights, then GPTQ (quant.gptq) the block linears; the embedding and the
    classifier get the scheme's 8-bit round-to-nearest (quant.ptq).
 
@@ -20,7 +21,7 @@ Options (inputs.options; values may be strings as a CLI passes them):
   init              auto | identity | hadamard
   r4                true | false
   iterations, lr, momentum, train_batch, train_seq_len, gptq, gptq_samples, gptq_seq_len,
-  damp, act_order, true_sequential, init_eval_batches, checkpoint_layers, bf16
+  damp, act_order, true_sequential, init_probe, init_eval_batches, checkpoint_layers, bf16
 inputs.steps overrides iterations, inputs.calibration the calibration text, inputs.seed the seed.
 """
 
@@ -73,7 +74,8 @@ class Settings:
     # unchanged): on SmolLM2 after the learned rotations it cut PPL from 34.07 to 33.06 (BENCHMARKS.md).
     act_order: bool = True
     true_sequential: bool = True
-    init_eval_batches: int = 2
+    init_probe: int = 5  # init=auto: steps each start is optimized before the better one is kept
+    init_eval_batches: int = 2  # init=auto with init_probe=0: batches the starts' loss is compared on
     checkpoint_layers: bool = True
     bf16: bool = True  # matmuls of the rotation training in bf16
     seed: int = 0
@@ -292,57 +294,90 @@ def learn_rotations(model: nn.Module, pool: torch.Tensor, s: Settings, work_dir:
     """Cayley SGD on R1, R2 from a folded model. Saves its state after every step under work_dir
     and continues from there when the state matches `fingerprint`. on_step(step, loss) is called
     after each saved step. Returns (R1, R2, record)."""
-    cfg = model.config
     loss_fn = QuantizedLoss(model, device, s.checkpoint_layers and device != "cpu", s.bf16)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     state_path = Path(work_dir) / STATE
     state = _load_state(state_path, fingerprint)
     if state is None:
-        r1, r2, record = _initial_rotations(loss_fn, pool, s, cfg)
-        start, opt_state = 0, None
+        run = _start(loss_fn, pool, s, model.config, device, progress)
     else:
-        r1, r2, record, start, opt_state = state["r1"], state["r2"], state["record"], state["step"], state["optimizer"]
-        if start < s.iterations:
-            tqdm.write(f"spinquant: resuming the rotation optimization at step {start} of {s.iterations}",
+        run = _Run(state["r1"], state["r2"], device, s, state["optimizer"], state["step"], state["record"])
+        if run.step < s.iterations:
+            tqdm.write(f"spinquant: resuming the rotation optimization at step {run.step} of {s.iterations}",
                        file=sys.stderr)
-    r1 = nn.Parameter(r1.to(device, torch.float32))
-    r2 = nn.Parameter(r2.to(device, torch.float32))
-    opt = CayleySGD([r1, r2], lr=s.lr, momentum=s.momentum)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    bar = tqdm(range(start, s.iterations), desc="spinquant rotations", unit="step", disable=not progress,
-               initial=start, total=s.iterations)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * step / s.iterations))  # cosine, no warmup
-        loss = loss_fn(data.batch(pool, step, s.train_batch), r1, r2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        record["losses"].append(round(loss.item(), 5))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        _save_state(state_path, dict(fingerprint=fingerprint, step=step + 1, r1=r1.detach().cpu(),
-                                     r2=r2.detach().cpu(), optimizer=_cpu(opt.state_dict()), record=record))
+    bar = tqdm(range(run.step, s.iterations), desc="spinquant rotations", unit="step", disable=not progress,
+               initial=run.step, total=s.iterations)
+    for _ in bar:
+        loss = run.advance(loss_fn, pool, s)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        _save_state(state_path, run.state(fingerprint))
         if on_step is not None:
-            on_step(step + 1, loss.item())
-    # The optimizer's float64 masters are orthogonal to float64 rounding; the parameters only to float32's.
-    return tuple(opt.state[p]["master"].cpu() if "master" in opt.state[p] else p.detach().double().cpu()
-                 for p in (r1, r2)) + (record,)
+            on_step(run.step, loss)
+    return run.result()
 
 
-def _initial_rotations(loss_fn, pool, s: Settings, cfg):
+class _Run:
+    """One rotation optimization: the parameters, the optimizer and what it has recorded so far."""
+
+    def __init__(self, r1, r2, device, s: Settings, opt_state=None, step=0, record=None):
+        self.r1 = nn.Parameter(r1.to(device, torch.float32))
+        self.r2 = nn.Parameter(r2.to(device, torch.float32))
+        self.opt = CayleySGD([self.r1, self.r2], lr=s.lr, momentum=s.momentum)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
+        self.step = step
+        self.record = record if record is not None else {"losses": [], "init_losses": {}}
+
+    def advance(self, loss_fn: QuantizedLoss, pool: torch.Tensor, s: Settings) -> float:
+        """One step on batch `step` at the cosine schedule's rate for `step`: a run's steps are the
+        same whether it went through the start probe or not."""
+        for group in self.opt.param_groups:
+            group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * self.step / s.iterations))  # no warmup
+        loss = loss_fn(data.batch(pool, self.step, s.train_batch), self.r1, self.r2)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        self.record["losses"].append(round(loss.item(), 5))
+        return loss.item()
+
+    def state(self, fingerprint: str) -> dict:
+        return dict(fingerprint=fingerprint, step=self.step, r1=self.r1.detach().cpu(), r2=self.r2.detach().cpu(),
+                    optimizer=_cpu(self.opt.state_dict()), record=self.record)
+
+    def result(self):
+        # The optimizer's float64 masters are orthogonal to float64 rounding; the parameters only to float32's.
+        return tuple(self.opt.state[p]["master"].cpu() if "master" in self.opt.state[p] else p.detach().double().cpu()
+                     for p in (self.r1, self.r2)) + (self.record,)
+
+
+def _start(loss_fn, pool, s: Settings, cfg, device, progress: bool) -> _Run:
+    """The run to continue. For init=auto both starts take the first `init_probe` steps of the
+    optimization on the same batches and the lower mean loss goes on: on SmolLM2 the identity has
+    the lower loss before any step (its weights sit on the GGUF's 4-bit grid) and the higher one
+    from the first step on, and ends worse (BENCHMARKS.md, SpinQuant). init_probe=0 compares
+    the starts' loss before any step, on init_eval_batches batches."""
     candidates = {"identity": identity_rotations(cfg), "hadamard": random_rotations(cfg, s.seed)}
-    record = {"losses": [], "init_losses": {}}
     if s.init != "auto":
-        record["init"] = s.init
-        return (*candidates[s.init], record)
+        run = _Run(*candidates[s.init], device, s)
+        run.record["init"] = s.init
+        return run
+    runs, scores = {}, {}
     for name, (r1, r2) in candidates.items():
-        record["init_losses"][name] = round(quantized_loss(loss_fn, pool, s, r1, r2), 5)
-    best = min(record["init_losses"], key=record["init_losses"].get)
-    record["init"] = best
-    tqdm.write(f"spinquant: quantized calibration loss at start {record['init_losses']}; starting from {best}",
-               file=sys.stderr)
-    return (*candidates[best], record)
+        runs[name] = _Run(r1, r2, device, s)
+        if s.init_probe:
+            probe = tqdm(range(min(s.init_probe, s.iterations)), desc=f"spinquant start probe: {name}",
+                         unit="step", leave=False, disable=not progress)
+            losses = [runs[name].advance(loss_fn, pool, s) for _ in probe]
+            scores[name] = round(sum(losses) / max(len(losses), 1), 5)
+        else:
+            scores[name] = round(quantized_loss(loss_fn, pool, s, r1, r2), 5)
+    best = min(scores, key=scores.get)
+    what = f"mean loss of the first {s.init_probe} steps" if s.init_probe else "quantized calibration loss at start"
+    tqdm.write(f"spinquant: {what} {scores}; going on from {best}", file=sys.stderr)
+    run = runs[best]
+    run.record.update(init=best, init_losses=scores, init_probe=s.init_probe)
+    return run
 
 
 def _cpu(obj):
@@ -380,7 +415,7 @@ def _load_state(path: Path, fingerprint: str) -> dict | None:
 # What the learned rotations depend on; the GPTQ settings are left out so that changing them
 # reuses finished rotations.
 TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "train_batch", "train_seq_len",
-                   "init_eval_batches", "bf16", "seed")
+                   "init_probe", "init_eval_batches", "bf16", "seed")
 
 
 def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str]:

@@ -150,7 +150,8 @@ def test_interrupted_optimization_resumes_to_the_same_rotations(tiny96_hf, calib
 
     ckpt = load_checkpoint(tiny96_hf)
     tok = Tokenizer(ckpt.tokenizer_path)
-    s = spinquant.settings_from(inputs(tmp_path, tok, calibration, iterations=4))
+    # One probe step per start: step 1 belongs to the start probe, steps 2-4 to the saved run.
+    s = spinquant.settings_from(inputs(tmp_path, tok, calibration, iterations=4, init_probe=1))
     pool = data.windows(data.token_stream(calibration, tok), s.train_seq_len, s.seed)
 
     def folded():
@@ -181,7 +182,38 @@ def test_interrupted_optimization_resumes_to_the_same_rotations(tiny96_hf, calib
     fresh = []
     spinquant.learn_rotations(folded(), pool, s, tmp_path / "b", "other", progress=False,
                               on_step=lambda step, loss: fresh.append(step))
-    assert fresh == [1, 2, 3, 4]
+    assert fresh == [2, 3, 4]
+
+
+def test_auto_start_goes_on_from_the_start_whose_first_steps_have_the_lower_loss(tiny96_hf, calibration, tmp_path):
+    import dataclasses
+
+    from exporter.tokenizer import Tokenizer
+    from quant import data, spinquant
+
+    ckpt = load_checkpoint(tiny96_hf)
+    tok = Tokenizer(ckpt.tokenizer_path)
+    s = spinquant.settings_from(inputs(tmp_path, tok, calibration, iterations=3, init_probe=2))
+    pool = data.windows(data.token_stream(calibration, tok), s.train_seq_len, s.seed)
+
+    def learn(settings, name):
+        m = build_model(ckpt, max_seq_len=64)
+        spinquant._prepare(m, settings)
+        return spinquant.learn_rotations(m, pool, settings, tmp_path / name, name, progress=False)
+
+    auto = learn(s, "auto")
+    record = auto[2]
+    assert record["init_probe"] == 2 and set(record["init_losses"]) == {"identity", "hadamard"}
+    assert len(record["losses"]) == 3  # the probe's two steps are the run's first two
+    fixed = {name: learn(dataclasses.replace(s, init=name), name) for name in ("identity", "hadamard")}
+    for name, (_, _, rec) in fixed.items():  # each start's score is the mean of its own first two losses
+        assert record["init_losses"][name] == pytest.approx(sum(rec["losses"][:2]) / 2, abs=1e-4)
+    best = min(record["init_losses"], key=record["init_losses"].get)
+    assert record["init"] == best
+    # Going on from the probe is the same run as starting there.
+    torch.testing.assert_close(auto[0], fixed[best][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(auto[1], fixed[best][1], atol=1e-6, rtol=0)
+    assert record["losses"] == pytest.approx(fixed[best][2]["losses"], abs=1e-4)
 
 
 @pytest.fixture(scope="module")
