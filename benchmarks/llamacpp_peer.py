@@ -52,13 +52,20 @@ def measure_once(gguf: str, prompt: str, prompt_len: int, gen: int, threads: int
         raise PtekitError(f"{gguf}: llama.cpp tokenizes the prompt to {len(ids)} tokens, fewer than {prompt_len}")
     ids = ids[:prompt_len]
     t1 = time.perf_counter()
+    vocab = llm.n_vocab()
+
+    def greedy() -> int:
+        # The context's logits of the last evaluated token: llama-cpp-python 0.3.x no longer copies
+        # them into llm.scores unless logits_all, which would compute every position's logits.
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+
     llm.eval(ids)
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    nxt = greedy()
     t2 = time.perf_counter()
     out = [nxt]
     for _ in range(gen - 1):
         llm.eval([nxt])
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = greedy()
         out.append(nxt)
     t3 = time.perf_counter()
     # gen tokens are produced: the first by the prefill, the other gen-1 by decode steps.

@@ -97,3 +97,29 @@ def test_meta_1b_sizes_are_computed_from_the_exact_shape():
     assert r["parameters"] == 1_235_814_400  # Llama 3.2 1B, tied embeddings
     spin = r["fp32_group_scales"]["spinquant"]["total"] / 2**20
     assert abs(spin - 1083) < 1.0  # Meta's SpinQuant .pte, from shape alone with 4-byte group scales
+
+
+def test_llamacpp_peer_measures_the_embedded_gguf():
+    """The llama.cpp peer on the real GGUF, when llama-cpp-python is installed (it builds from
+    source in minutes, so bootstrap leaves it out and CI skips this). Its greedy tokens are
+    llama.cpp's own greedy generation of the same prompt."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import itertools
+
+    from benchmarks import llamacpp_peer
+    from conftest import SHARED_DATA
+    from exporter.defaults import embedded_gguf
+
+    gguf = embedded_gguf()
+    text = (SHARED_DATA / "wikitext-2-raw-test.txt").read_text(encoding="utf-8-sig")[:2000]
+    rec = llamacpp_peer.bench(gguf, text, prompt_len=16, gen=6, runs=1, warmup=0, threads=1)
+    run = rec["runs"][0]
+    assert run["prompt_tokens"] == 16 and run["generated_tokens"] == 6
+    assert run["decode_tok_s"] > 0 and run["prefill_tok_s"] > 0
+    assert run["peak_rss_mib"] > run["rss_before_model_load_mib"] + 50  # the 98 MB model was loaded
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, n_threads=1, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)[:16]
+    want = list(itertools.islice(llm.generate(ids, temp=0.0), 6))
+    assert run["text"] == llm.detokenize(want).decode(errors="replace")
+    parts = llamacpp_peer.gguf_parts(gguf)
+    assert 0 < parts["token_embd_bytes"] < parts["tensor_bytes"] <= rec["gguf_bytes"]
