@@ -207,7 +207,8 @@ def chart(record: dict, path: Path) -> None:
         names.append(f"ptekit\n{LABELS.get(method, method)}")
         decode.append(c["decode"] or 0), size.append(c["size"]), rss.append(c["rss"] or 0)
     for r in peer_rows(record)[1:]:
-        names.append(r["name"].split(" (")[0].replace(" ", "\n", 1))
+        runtime, _, what = r["name"].split(" (")[0].partition(" ")
+        names.append(f"{runtime}\n{Path(what).suffix.lstrip('.') or what}")  # "llama.cpp\ngguf": a file name overlaps its neighbours
         decode.append(r["decode"] or 0), size.append(r["size_mib"]), rss.append(r["rss"] or 0)
     bounds = {r["name"]: r["bound_tok_s"] for r in record.get("roofline") or roofline_rows(record)}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
@@ -223,7 +224,9 @@ def chart(record: dict, path: Path) -> None:
         if k in bounds:
             axes[0].plot([i - 0.4, i + 0.4], [bounds[k]] * 2, color="black", linestyle="--", linewidth=1,
                          label="memory-bandwidth bound" if k == keys[0] else None)
-    axes[0].legend(fontsize=8)
+    if bounds:
+        axes[0].set_ylim(top=1.2 * max([*bounds.values(), *decode]))  # room for the legend above the bounds
+    axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(f"{record['model']} on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
                  f"{record['started_at'][:10]}", fontsize=10)
     fig.tight_layout()
