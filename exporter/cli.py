@@ -65,7 +65,7 @@ def export(
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL for spinquant and qlora (default: WikiText-2 validation text in ../shared/data)."),
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
-    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: rank=N, ...). See the method's module docstring in quant/."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):

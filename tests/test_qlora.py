@@ -240,6 +240,21 @@ def test_unknown_option_is_one_clear_error(tmp_path):
     assert (s.rank, s.autocast, s.qat_steps, s.lora_steps) == (8, False, 7, 7)
 
 
+def test_the_preset_follows_the_device_and_options_override_it(tmp_path):
+    from quant.method import MethodInputs
+    from quant.qlora import QLoRASettings
+
+    cpu = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, device="cpu"))
+    gpu = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, device="cuda"))
+    assert (cpu.qat_steps, cpu.lora_steps, cpu.lora_lr) == (50, 20, 1e-3)
+    assert (gpu.qat_steps, gpu.lora_steps, gpu.lora_lr) == (400, 100, 2e-4)
+    paper_on_cpu = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, device="cpu",
+                                                          options={"preset": "paper", "lora_steps": "3"}))
+    assert (paper_on_cpu.qat_steps, paper_on_cpu.lora_steps) == (400, 3)
+    with pytest.raises(PtekitError, match="unknown preset 'fast'"):
+        QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"preset": "fast"}))
+
+
 # --- data-free and DPO -------------------------------------------------------------------------
 
 
