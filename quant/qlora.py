@@ -18,7 +18,7 @@ Settings come from MethodInputs (steps, device, calibration = the data file, see
 inputs.options, whose keys are the fields of QLoRASettings plus `preset`:
   paper (default with --device cuda)  400 QAT steps of 8 x 512 tokens (1.6M), 100 LoRA steps
   cpu   (default otherwise)           50 QAT steps (205K tokens), 20 LoRA steps at lr 1e-3:
-                                      SmolLM2-135M trains at about 70 tokens/s on 2 CPU cores
+                                      SmolLM2-135M trains at 60-70 tokens/s on 2 CPU cores
 --steps N sets both rounds' steps.
 """
 
@@ -77,7 +77,7 @@ class QLoRASettings:
             values["qat_steps"] = values["lora_steps"] = inputs.steps
         for key, v in opts.items():
             if key not in fields:
-                raise PtekitError(f"qlora: unknown option {key!r}; known options: {', '.join(fields)}")
+                raise PtekitError(f"qlora: unknown option {key!r}; known options: preset, {', '.join(fields)}")
             values[key] = _coerce(key, v, fields[key].type)
         s = cls(**values)
         for key in ("rank", "qat_steps", "seq_len", "micro_batch", "grad_accum"):
