@@ -40,3 +40,13 @@ def parse_options(pairs: list[str] | None) -> dict:
             raise PtekitError(f"--option {pair!r}: expected KEY=VALUE, for example --option rotation=hadamard")
         out[key.strip()] = value.strip()
     return out
+
+
+def pop_preset(method: str, options: dict, device: str, presets: dict):
+    """Takes `preset` out of options and returns that preset (default: "paper" on CUDA, else "cpu")."""
+    from exporter.errors import PtekitError
+
+    name = options.pop("preset", None) or ("paper" if str(device).startswith("cuda") else "cpu")
+    if name not in presets:
+        raise PtekitError(f"{method}: unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return presets[name]

@@ -36,7 +36,7 @@ from torch import nn
 
 from exporter.errors import PtekitError
 from quant import lora, qat, sft_data
-from quant.method import MethodInputs
+from quant.method import MethodInputs, pop_preset
 from quant.train import Dist, TrainConfig, init_distributed, resolve_device, sft_objective, train
 
 TRAINED = "trained"
@@ -69,10 +69,7 @@ class QLoRASettings:
     def from_inputs(cls, inputs: MethodInputs) -> "QLoRASettings":
         fields = {f.name: f for f in dataclasses.fields(cls)}
         opts = dict(inputs.options)
-        preset = opts.pop("preset", None) or ("paper" if str(inputs.device).startswith("cuda") else "cpu")
-        if preset not in PRESETS:
-            raise PtekitError(f"qlora: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        values = dict(PRESETS[preset])
+        values = dict(pop_preset("qlora", opts, inputs.device, PRESETS))
         if inputs.steps is not None:
             values["qat_steps"] = values["lora_steps"] = inputs.steps
         for key, v in opts.items():

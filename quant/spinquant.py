@@ -45,6 +45,7 @@ from tqdm import tqdm
 from exporter.atomic import atomic_path, write_text
 from exporter.errors import PtekitError
 from quant import data, rotation, scheme
+from quant.method import pop_preset
 from quant.cayley import CayleySGD
 from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn, set_int4_weight
 from quant.hadamard import random_hadamard
@@ -94,10 +95,7 @@ PRESETS = {
 
 def settings_from(inputs) -> Settings:
     opts = dict(inputs.options or {})
-    preset = opts.pop("preset", None) or ("paper" if str(inputs.device).startswith("cuda") else "cpu")
-    if preset not in PRESETS:
-        raise PtekitError(f"spinquant: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    base = PRESETS[preset]
+    base = pop_preset("spinquant", opts, inputs.device, PRESETS)
     fields = {f.name: f for f in dataclasses.fields(Settings)}
     changes = {}
     for key, value in opts.items():
