@@ -19,7 +19,9 @@ inputs.options, whose keys are the fields of QLoRASettings plus `preset`:
   paper (default with --device cuda)  400 QAT steps of 8 x 512 tokens (1.6M), 100 LoRA steps
   cpu   (default otherwise)           50 QAT steps (205K tokens), 20 LoRA steps at lr 1e-3:
                                       SmolLM2-135M trains at 60-70 tokens/s on 2 CPU cores
---steps N sets both rounds' steps.
+--steps N sets both rounds' steps. qat_steps=0 skips round 1 (adapters on the round-to-nearest
+backbone): full-parameter AdamW keeps gradients and two moments, three more fp32 copies of the
+weights (1.24B x 4 B x 3 = 14.9 GB for Llama 3.2 1B), which a 24 GB machine cannot hold beside the model.
 """
 
 from __future__ import annotations
@@ -77,9 +79,13 @@ class QLoRASettings:
                 raise PtekitError(f"qlora: unknown option {key!r}; known options: preset, {', '.join(fields)}")
             values[key] = _coerce(key, v, fields[key].type)
         s = cls(**values)
-        for key in ("rank", "qat_steps", "seq_len", "micro_batch", "grad_accum"):
+        for key in ("rank", "seq_len", "micro_batch", "grad_accum"):
             if getattr(s, key) < 1:
                 raise PtekitError(f"qlora: {key} must be at least 1 (got {getattr(s, key)})")
+        if s.qat_steps < 0 or s.lora_steps < 0:
+            raise PtekitError(f"qlora: qat_steps and lora_steps must be 0 or more (got {s.qat_steps}, {s.lora_steps})")
+        if s.qat_steps == 0 and s.lora_steps == 0:
+            raise PtekitError("qlora: qat_steps=0 and lora_steps=0 train nothing; use --method ptq for round to nearest")
         return s
 
     def train_config(self, steps: int, lr: float, seed: int) -> TrainConfig:
@@ -254,8 +260,9 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     qat.prepare(model)
     cfg = dict(rounds)["qat"]
     kd_teacher = teacher if s.kd_weight else None
-    train("round 1: QAT", model, list(model.parameters()), sft_objective(windows, cfg, d, device, kd_teacher), cfg,
-          work / "qat" / "state.pt", fps["qat"], device, d, progress=s.progress)
+    if s.qat_steps > 0:  # 0: the adapters learn on the round-to-nearest backbone (full AdamW state not needed)
+        train("round 1: QAT", model, list(model.parameters()), sft_objective(windows, cfg, d, device, kd_teacher),
+              cfg, work / "qat" / "state.pt", fps["qat"], device, d, progress=s.progress)
 
     if s.lora_steps > 0:
         torch.manual_seed(inputs.seed)  # the adapters' initial values, the same on every process

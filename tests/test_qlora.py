@@ -145,6 +145,28 @@ def test_pte_logits_match_eager_converted_model_with_float_adapters(qlora_export
     assert 4 * n_lora - 16 * 1024 <= grown < 4 * n_lora + 64 * 1024, (grown, n_lora)
 
 
+def test_qat_steps_0_trains_only_the_adapters_on_the_round_to_nearest_backbone(tiny_hf, wikitext_valid, tmp_path):
+    import quant.qlora as qlora
+    from exporter.checkpoint import load_checkpoint
+    from exporter.tokenizer import Tokenizer
+    from quant import lora
+    from quant.method import MethodInputs
+    from quant.ptq import apply_scheme
+
+    ckpt = load_checkpoint(tiny_hf)
+    inputs = MethodInputs(work_dir=tmp_path, tokenizer=Tokenizer(ckpt.tokenizer_path), calibration=wikitext_valid,
+                          options={**EXPORT_OPTIONS, "qat_steps": 0, "lora_steps": 1})
+    got = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)
+    rtn = apply_scheme(build_model(ckpt, max_seq_len=256))
+    assert not (tmp_path / "qat" / "state.pt").exists() and (tmp_path / "lora" / "state.pt").exists()
+    for name, m in lora.lora_modules(got).items():
+        want = rtn.get_submodule(name).weight
+        assert torch.equal(m.base.weight.qdata, want.qdata) and torch.equal(m.base.weight.scale, want.scale), name
+        assert m.lora_b.weight.abs().max() > 0, name  # the one LoRA step moved B off its zero start
+    with pytest.raises(PtekitError, match="train nothing"):
+        qlora.QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"qat_steps": 0, "lora_steps": 0}))
+
+
 # --- data --------------------------------------------------------------------------------------
 
 
