@@ -21,7 +21,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.suite import ALL_METHODS, ALL_PEERS, SuiteOptions
+    from benchmarks.suite import ALL_METHODS, ALL_PEERS, RANDOM_1B, SuiteOptions
 
     d = SuiteOptions()
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--warmup", type=int, default=d.warmup)
     r.add_argument("--threads", type=int, default=d.threads, help="threads for every runtime; 0: all cores")
     r.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
-    r.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens, help="WikiText-2 test tokens scored per "
-                   "method; 0 skips quality")
+    r.add_argument("--eval-max-tokens", type=int, default=None, help="WikiText-2 test tokens scored per method; 0 "
+                   f"skips quality (default {d.eval_max_tokens}; 0 for {RANDOM_1B}, whose random weights have none)")
     r.add_argument("--steps", type=int, default=None, help="spinquant/qlora optimization steps (default: the method's)")
     r.add_argument("--gguf", type=Path, default=None, help="the llama.cpp peer's GGUF (default for smollm2: the "
                    "embedded Q4_1 file)")
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sizes-1b", help="Llama 3.2 1B .pte sizes and RSS parts computed from its shape, beside Meta's")
     a = ap.parse_args(argv)
 
+    if a.command == "run" and a.eval_max_tokens is None:
+        a.eval_max_tokens = 0 if a.model == RANDOM_1B else d.eval_max_tokens
     try:
         if a.command == "sizes-1b":
             from benchmarks.meta_1b import report

@@ -32,6 +32,16 @@ ALL_METHODS = ("bf16", "ptq", "spinquant", "qlora")
 ALL_PEERS = ("export_llama", "llamacpp")
 RANDOM_1B = "llama3.2-1b-random"
 MODELS = {"smollm2": "smollm2-135m", "smollm2-135m": "smollm2-135m", RANDOM_1B: RANDOM_1B}
+# The random 1B model is there for its .pte sizes and the runner's memory, which do not depend on how
+# long a method optimized (random weights have nothing to learn and no quality to score). So each
+# method's optimization runs one step on short windows: every stage still runs at 1B scale, in
+# minutes instead of hours. qlora skips its QAT round (qat_steps=0): full-parameter AdamW at 1B keeps
+# three more fp32 copies of the weights, more than a 24 GB machine holds beside the model.
+SIZE_RUN_OPTIONS = {
+    "spinquant": ("iterations=1", "train_batch=1", "train_seq_len=256", "init_probe=0", "init_eval_batches=1",
+                  "gptq_samples=8", "gptq_seq_len=256"),
+    "qlora": ("qat_steps=0", "lora_steps=1", "micro_batch=1", "grad_accum=1", "seq_len=256"),
+}
 
 
 @dataclass
@@ -49,7 +59,7 @@ class SuiteOptions:
     warmup: int = 1
     threads: int = 0  # 0: every core of this machine, for every runtime alike
     eval_seq_len: int = 512
-    eval_max_tokens: int = 16384  # 0: no quality evaluation
+    eval_max_tokens: int = 16384  # 0: no quality evaluation (the random 1B model's default)
     steps: int | None = None  # spinquant/qlora optimization steps (None: the method's default)
     gguf: Path | None = None  # the llama.cpp peer's GGUF (default for smollm2: the embedded one)
     progress: bool = True
@@ -151,6 +161,9 @@ def export_cmd(checkpoint: str, out: Path, method: str, opts: SuiteOptions) -> l
         cmd.append("--eval-method")  # so `ptekit eval` scores the file in windows; +a few KB
     if opts.steps is not None and method in ("spinquant", "qlora"):
         cmd += ["--steps", str(opts.steps)]
+    if opts.model == RANDOM_1B:
+        for option in SIZE_RUN_OPTIONS.get(method, ()):
+            cmd += ["-O", option]
     return cmd
 
 
