@@ -10,6 +10,10 @@ from pathlib import Path
 
 from exporter.errors import PtekitError
 
+# mkstemp/mkdtemp create 0600/0700 entries; an output should get the mode a plain open() would give.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def ensure_writable_dir(d: Path) -> Path:
     d = Path(d)
@@ -33,6 +37,7 @@ def atomic_path(final: Path):
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -55,6 +60,7 @@ def atomic_dir(final: Path):
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -100,6 +100,19 @@ def test_failed_write_leaves_no_pte(tiny_hf, tmp_path, monkeypatch):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_outputs_get_the_mode_a_plain_open_gives(tmp_path):
+    """Temp files are created 0600 (mkstemp); the renamed output must not stay private."""
+    from exporter.atomic import atomic_dir, write_bytes
+
+    umask = os.umask(0)
+    os.umask(umask)
+    write_bytes(tmp_path / "model.pte", b"x")
+    with atomic_dir(tmp_path / "trained") as d:
+        (d / "w").write_bytes(b"y")
+    assert (tmp_path / "model.pte").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "trained").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_info_reports_delegation(tiny_ptq_pte):
     r = ptekit("info", tiny_ptq_pte)
     assert r.returncode == 0, r.stderr
