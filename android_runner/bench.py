@@ -28,7 +28,7 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 SAMPLER, FACTS = "rss_sampler.sh", "device_facts.sh"
 RUNNER_NAME = "llama_main"
 FORMAT = "ptekit-bench/1"
-METRICS = ("decode_tok_s", "ttft_s", "prefill_tok_s", "peak_rss_mib", "model_load_s")
+METRICS = ("decode_tok_s", "ttft_s", "prefill_tok_s", "peak_rss_mib", "rss_anon_mib", "rss_file_mib", "model_load_s")
 METHOD_LABELS = {"bf16": "BF16", "ptq": "PTQ", "spinquant": "SpinQuant", "qlora": "QAT+LoRA"}
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm", 0x03: "x86"}
 

@@ -37,18 +37,24 @@ def parse_observer(stdout: str) -> dict:
 
 
 def parse_rss(text: str) -> dict:
-    """The sampler's "VmHWM_kB VmRSS_kB" lines -> peaks in MiB (None when no sample was taken)."""
-    hwm, rss = [], []
+    """The sampler's "VmHWM_kB VmRSS_kB [RssAnon_kB RssFile_kB]" lines -> peaks in MiB (None when no
+    sample was taken). The anonymous/file split is the one of the sample with the largest VmRSS:
+    file pages are the mapped .pte (and libraries), anonymous ones what the runtime allocated
+    (the delegate's packed weights, the KV cache, activations)."""
+    samples = []
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 1 and parts[0].isdigit():
-            hwm.append(int(parts[0]))
-            if len(parts) >= 2 and parts[1].isdigit():
-                rss.append(int(parts[1]))
+        if parts and all(p.isdigit() for p in parts):
+            samples.append([int(p) for p in parts])
+    mib = lambda kb: round(kb / KIB_PER_MIB, 1)  # noqa: E731
+    with_rss = [s for s in samples if len(s) >= 2]
+    top = max(with_rss, key=lambda s: s[1]) if with_rss else None
     return {
-        "samples": len(hwm),
-        "peak_rss_mib": round(max(hwm) / KIB_PER_MIB, 1) if hwm else None,  # VmHWM: the kernel's own peak
-        "max_sampled_vmrss_mib": round(max(rss) / KIB_PER_MIB, 1) if rss else None,
+        "samples": len(samples),
+        "peak_rss_mib": mib(max(s[0] for s in samples)) if samples else None,  # VmHWM: the kernel's own peak
+        "max_sampled_vmrss_mib": mib(top[1]) if top else None,
+        "rss_anon_mib": mib(top[2]) if top and len(top) >= 4 else None,
+        "rss_file_mib": mib(top[3]) if top and len(top) >= 4 else None,
     }
 
 

@@ -157,7 +157,11 @@ def test_observer_line_parsing_and_metrics():
 
 def test_rss_samples_and_exit_descriptions():
     r = stats.parse_rss("1024 1000\n204800 102400\n\n307200 2048\n")
-    assert r == {"samples": 3, "peak_rss_mib": 300.0, "max_sampled_vmrss_mib": 100.0}
+    assert r == {"samples": 3, "peak_rss_mib": 300.0, "max_sampled_vmrss_mib": 100.0, "rss_anon_mib": None,
+                 "rss_file_mib": None}
+    # With the anonymous/file columns, the split is the one of the largest VmRSS sample.
+    r = stats.parse_rss("2048 2048 1024 1024\n4096 3072 1024 2048\n4096 1024 512 512\n")
+    assert (r["max_sampled_vmrss_mib"], r["rss_anon_mib"], r["rss_file_mib"]) == (3.0, 1.0, 2.0)
     assert stats.parse_rss("")["peak_rss_mib"] is None
     assert stats.describe_exit(139) == "killed by SIGSEGV, exit 139"
     assert stats.describe_exit(1) == "exit 1"
@@ -165,15 +169,21 @@ def test_rss_samples_and_exit_descriptions():
 
 
 def test_sampler_measures_a_process_it_runs(tmp_path):
-    """rss_sampler.sh on a process that holds ~64 MiB: VmHWM sees it, the exit status comes back."""
+    """rss_sampler.sh on a process that holds ~64 MiB of its own and touches a 32 MiB mapped file:
+    VmHWM sees both, the split puts each where it is, the exit status comes back."""
     script = REPO / "android_runner" / "scripts" / "rss_sampler.sh"
-    hold = "import time; b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.6); raise SystemExit(3)"
+    mapped = tmp_path / "mapped.bin"
+    mapped.write_bytes(b"\1" * (32 << 20))
+    hold = ("import mmap, time; b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); "
+            f"f = open({str(mapped)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
+            "s = sum(m[i] for i in range(0, len(m), 4096)); time.sleep(0.6); raise SystemExit(3)")
     p = subprocess.run(["sh", str(script), str(tmp_path / "run"), "0.05", sys.executable, "-c", hold])
     assert p.returncode == 3
     assert (tmp_path / "run" / "rc").read_text().strip() == "3"
     r = stats.parse_rss((tmp_path / "run" / "rss").read_text())
     assert r["samples"] >= 3
-    assert 64 < r["peak_rss_mib"] < 64 + 200
+    assert 64 + 32 < r["peak_rss_mib"] < 64 + 32 + 200
+    assert 64 < r["rss_anon_mib"] < 64 + 100 and 32 < r["rss_file_mib"] < 32 + 100, r
 
 
 def test_benchmark_prompt_has_exactly_n_tokens(smollm2_hf, wikitext_test):
