@@ -214,7 +214,7 @@ def one_run(device: Device, index: int, label: str, flags: list[str], opts: Benc
         "run": index,
         **metrics,
         **stats.parse_rss(read("rss")),
-        "rss_before_model_load_mib": stats.host_rss_before_load(stderr),
+        **stats.host_rss_before_load(stderr),
         "temp_c_before": temps[0] if temps else None,
         "temp_c_after": temps[1] if len(temps) > 1 else None,
         "loadavg_before": float(read("load")) if read("load").strip() else None,

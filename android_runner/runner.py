@@ -83,9 +83,9 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmRSS") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"Resetting threadpool with num threads = {flags['cpu_threads']}")
         portable_lib._unsafe_reset_threadpool(flags["cpu_threads"])
     log(f"ptekit-runner: threads = {portable_lib._threadpool_get_thread_count()}")
-    log(f"ptekit-runner: RSS before model load: {rss_mib():.1f} MiB")
+    log(f"ptekit-runner: RSS before model load: {rss_mib():.1f} MiB (anonymous {rss_mib('RssAnon'):.1f} MiB, "
+        f"file-backed {rss_mib('RssFile'):.1f} MiB)")
 
     try:
         runner = TextLLMRunner(flags["model_path"], flags["tokenizer_path"], flags["data_path"] or None)

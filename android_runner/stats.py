@@ -14,7 +14,8 @@ import signal
 from exporter.errors import PtekitError
 
 OBSERVER = "PyTorchObserver "
-HOST_RSS_LINE = re.compile(r"ptekit-runner: RSS before model load: ([0-9.]+) MiB")
+HOST_RSS_LINE = re.compile(r"ptekit-runner: RSS before model load: ([0-9.]+) MiB"
+                           r"(?: \(anonymous ([0-9.]+) MiB, file-backed ([0-9.]+) MiB\))?")
 KIB_PER_MIB = 1024
 
 
@@ -83,10 +84,12 @@ def run_metrics(obs: dict) -> dict:
     return out
 
 
-def host_rss_before_load(stderr: str) -> float | None:
-    """ptekit's host runner logs its RSS (Python + libtorch) before it loads the model."""
+def host_rss_before_load(stderr: str) -> dict:
+    """ptekit's host runner logs its RSS (Python + libtorch) and its anonymous/file split before it
+    loads the model; a phone's llama_main logs nothing (all None)."""
     m = HOST_RSS_LINE.search(stderr)
-    return float(m.group(1)) if m else None
+    vals = [float(g) if g else None for g in m.groups()] if m else [None, None, None]
+    return dict(zip(("rss_before_model_load_mib", "rss_anon_before_load_mib", "rss_file_before_load_mib"), vals))
 
 
 def parse_temps(text: str) -> list[float | None]:

@@ -176,14 +176,16 @@ def sizes_table(record: dict) -> str:
 def markdown(record: dict) -> str:
     m = record["machine"]
     o = record["options"]
+    quality = (f"Quality: `ptekit eval` on each .pte, the first {o['eval_max_tokens']} tokens of WikiText-2 test in "
+               f"windows of {o['eval_seq_len']} (± one standard error over windows)." if o["eval_max_tokens"] else
+               "Quality: not measured (--eval-max-tokens 0; the random 1B model's weights have none).")
     parts = [
         f"## {record['model']}: ptekit methods and peers ({record['started_at']})", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_total_mib']} MiB RAM, {m['os']}; load average at start "
         f"{m['load_avg_at_start']} (a shared machine: other processes ran during the measurement).",
         f"Runs: median of {o['runs']} after {o['warmup']} warm-up, each a fresh process; prompt {o['prompt_len']} "
         f"tokens of WikiText-2 test text, {o['gen']} generated tokens, greedy, {o['threads'] or m['cores']} threads; "
-        f"max_seq_len {o['max_seq_len']}. Quality: `ptekit eval` on each .pte, the first {o['eval_max_tokens']} tokens "
-        f"of WikiText-2 test in windows of {o['eval_seq_len']} (± one standard error over windows).", "",
+        f"max_seq_len {o['max_seq_len']}. {quality}", "",
         model_card_table(record), "### Peers", "", peers_table(record), "### Roofline", "", roofline_table(record),
         "### Size breakdown (computed from the shape, beside the measured file)", "", sizes_table(record),
     ]

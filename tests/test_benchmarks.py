@@ -123,3 +123,28 @@ def test_llamacpp_peer_measures_the_embedded_gguf():
     assert run["text"] == llm.detokenize(want).decode(errors="replace")
     parts = llamacpp_peer.gguf_parts(gguf)
     assert 0 < parts["token_embd_bytes"] < parts["tensor_bytes"] <= rec["gguf_bytes"]
+
+
+def test_decode_profile_sums_the_runtimes_own_events(tiny_ptq_pte):
+    """profile_decode reads ExecuTorch's ETDump of real decode steps: the delegate's GEMMs and the
+    custom SDPA appear, and the parts fit inside the method's own time."""
+    from benchmarks.profile_decode import profile
+
+    (r,) = profile([tiny_ptq_pte], prompt_len=8, steps=4)
+    ms = r["ms_per_token"]
+    assert ms["Method::execute"] > 0 and ms["DELEGATE_CALL"] > 0 and ms["llama::custom_sdpa.out"] > 0
+    assert any(k.startswith("Fully Connected") for k in ms)
+    assert ms["DELEGATE_CALL"] + ms.get("OPERATOR_CALL", 0) <= ms["Method::execute"] * 1.01
+    assert r["decode_tok_s_wall"] > 0
+
+
+def test_rss_stages_split_the_runners_memory(tiny_ptq_pte):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.rss_stages", str(tiny_ptq_pte),
+                        str(tiny_ptq_pte.parent / "tokenizer.json"), "--prompt-len", "8", "--gen", "4"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows][0] == "before load" and len(rows) == 4
+    # Loading the model adds memory: its pages or the delegate's packed weights.
+    grew = sum(float(row.split("|")[5]) + float(row.split("|")[6]) for row in rows[1:])
+    assert grew > 1, r.stdout

@@ -1,0 +1,129 @@
+"""Where a .pte's decode time goes, operator by operator, through ExecuTorch's own event tracer.
+
+    python -m benchmarks.profile_decode A.pte [B.pte ...] [--prompt-len 64] [--steps 128] [--threads 2]
+
+Each file is loaded with ETDump enabled, prefills a prompt of --prompt-len tokens, then decodes
+--steps tokens one at a time (greedy), alternating files step by step so that whatever else the
+machine does falls on both alike. The ETDump's events of the decode steps (not the prefill) are
+summed by name: the XNNPACK delegate's calls, ExecuTorch's own kernels (custom_sdpa,
+update_cache, embedding_byte, ...) and the method's overhead outside any operator. Prints per
+decoded token the milliseconds in each, and the wall-clock decode rate measured around run_method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+EXECUTE = "Method::execute"
+
+
+class Traced:
+    def __init__(self, path: Path):
+        from exporter.lower import load_executorch_ops
+
+        load_executorch_ops()
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+        self.path = path
+        self.module = _load_for_executorch(str(path), enable_etdump=True)
+        self.step_s: list[float] = []
+
+    def forward(self, tokens: list[int], start: int, timed: bool) -> int:
+        args = (torch.tensor([tokens], dtype=torch.long), torch.tensor([start], dtype=torch.long))
+        t0 = time.perf_counter()
+        out = self.module.run_method("forward", args)[0]
+        if timed:
+            self.step_s.append(time.perf_counter() - t0)
+        return int(out[0, -1].argmax())
+
+    def events(self, skip_first: int) -> dict:
+        """Event name -> total ms over the executions after the first `skip_first` (the prefill)."""
+        from executorch.devtools import Inspector
+
+        with tempfile.TemporaryDirectory() as d:
+            dump = Path(d) / "etdump.etdp"
+            self.module.write_etdump_result_to_file(str(dump))
+            inspector = Inspector(etdump_path=str(dump))
+        totals: dict[str, float] = defaultdict(float)
+        for block in inspector.event_blocks:
+            for ev in block.events:
+                times = list(ev.perf_data.raw) if ev.perf_data is not None else []
+                for ms in times[skip_first:]:
+                    totals[re.sub(r" #\d+$", "", ev.name)] += ms  # XNNPACK numbers each operator; sum by kind
+        return dict(totals)
+
+
+def profile(paths: list[Path], prompt_len: int, steps: int) -> list[dict]:
+    runs = [Traced(p) for p in paths]
+    prompt = [1] + [(7 * i + 13) % 1000 + 100 for i in range(prompt_len - 1)]  # fixed ids in every vocabulary
+    nxt = [r.forward(prompt, 0, timed=False) for r in runs]
+    for step in range(steps):
+        for i, r in enumerate(runs):
+            nxt[i] = r.forward([nxt[i]], prompt_len + step, timed=True)
+    out = []
+    for r in runs:
+        totals = r.events(skip_first=1)
+        per_token = {k: round(v / steps, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+        execute = per_token.get(EXECUTE)
+        inside = sum(v for k, v in per_token.items() if k != EXECUTE)
+        out.append({"pte": str(r.path), "bytes": r.path.stat().st_size, "steps": steps, "prompt_len": prompt_len,
+                    "decode_tok_s_wall": round(1 / statistics.median(r.step_s), 2),
+                    "ms_per_token": per_token,
+                    "ms_outside_operators": round(execute - inside, 3) if execute is not None else None})
+    return out
+
+
+def table(results: list[dict]) -> str:
+    names: list[str] = []
+    for r in results:
+        names += [n for n in r["ms_per_token"] if n not in names]
+    head = "| event (ms per decoded token) | " + " | ".join(Path(r["pte"]).parent.name + "/" + Path(r["pte"]).name
+                                                          for r in results) + " |"
+    lines = [head, "| :--- |" + " ---: |" * len(results)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{r['ms_per_token'].get(n, 0):.3f}" for r in results) + " |")
+    lines.append("| decode tok/s (wall, median step) | " + " | ".join(f"{r['decode_tok_s_wall']:.1f}" for r in results)
+                 + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pte", nargs="+", type=Path)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="0: every core")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    for p in a.pte:
+        if not p.is_file():
+            print(f"error: {p}: no such .pte file", file=sys.stderr)
+            return 2
+    from exporter.lower import load_executorch_ops
+
+    load_executorch_ops()
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(a.threads or os.cpu_count() or 1)
+    results = profile(a.pte, a.prompt_len, a.steps)
+    print(table(results))
+    if a.json:
+        from exporter.atomic import write_text
+
+        write_text(a.json, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
