@@ -135,6 +135,7 @@ def test_decode_profile_sums_the_runtimes_own_events(tiny_ptq_pte):
     assert ms["Method::execute"] > 0 and ms["DELEGATE_CALL"] > 0 and ms["llama::custom_sdpa.out"] > 0
     assert any(k.startswith("Fully Connected") for k in ms)
     assert ms["DELEGATE_CALL"] + ms.get("OPERATOR_CALL", 0) <= ms["Method::execute"] * 1.01
+    assert r["ms_outside_operators"] >= -0.01 * ms["Method::execute"]
     assert r["decode_tok_s_wall"] > 0
 
 
