@@ -24,29 +24,24 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 EXECUTE = "Method::execute"
 
 
 class Traced:
     def __init__(self, path: Path):
-        from exporter.lower import load_executorch_ops
-
-        load_executorch_ops()
-        from executorch.extension.pybindings.portable_lib import _load_for_executorch
+        from exporter.runtime import PteModel
 
         self.path = path
-        self.module = _load_for_executorch(str(path), enable_etdump=True)
+        self.pte = PteModel(path, etdump=True)
         self.step_s: list[float] = []
 
     def forward(self, tokens: list[int], start: int, timed: bool) -> int:
-        args = (torch.tensor([tokens], dtype=torch.long), torch.tensor([start], dtype=torch.long))
         t0 = time.perf_counter()
-        out = self.module.run_method("forward", args)[0]
+        logits = self.pte.forward(tokens, start)
         if timed:
             self.step_s.append(time.perf_counter() - t0)
-        return int(out[0, -1].argmax())
+        return int(logits.argmax())
 
     def events(self, skip_first: int) -> dict:
         """Event name -> total ms over the executions after the first `skip_first` (the prefill)."""
@@ -54,7 +49,7 @@ class Traced:
 
         with tempfile.TemporaryDirectory() as d:
             dump = Path(d) / "etdump.etdp"
-            self.module.write_etdump_result_to_file(str(dump))
+            self.pte.write_etdump(dump)
             inspector = Inspector(etdump_path=str(dump))
         totals: dict[str, float] = defaultdict(float)
         for block in inspector.event_blocks:
@@ -120,7 +115,13 @@ def main():
     from executorch.extension.pybindings import portable_lib
 
     portable_lib._unsafe_reset_threadpool(a.threads or os.cpu_count() or 1)
-    results = profile(a.pte, a.prompt_len, a.steps)
+    from exporter.errors import PtekitError
+
+    try:
+        results = profile(a.pte, a.prompt_len, a.steps)
+    except PtekitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table(results))
     if a.json:
         from exporter.atomic import write_text

@@ -59,6 +59,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    for f in (a.pte, a.tokenizer):
+        if not f.is_file():
+            print(f"error: {f}: no such file", file=sys.stderr)
+            return 2
     rows = stages(a.pte, a.tokenizer, a.prompt_len, a.gen, a.threads)
     print(f"{a.pte} ({a.pte.stat().st_size / 2**20:,.1f} MiB)")
     print("| stage | VmRSS | RssAnon | RssFile | +anon | +file |")

@@ -20,7 +20,7 @@ def check_pte_header(path: Path) -> None:
 
 
 class PteModel:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, etdump: bool = False):
         from exporter.lower import load_executorch_ops
 
         self.path = Path(path)
@@ -31,7 +31,7 @@ class PteModel:
         from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
         try:
-            self._module = _load_for_executorch(str(self.path))
+            self._module = _load_for_executorch(str(self.path), enable_etdump=etdump)
             self.methods = set(self._module.method_names())
         except Exception as e:
             raise PtekitError(f"{self.path}: not a readable .pte; ExecuTorch cannot load it ({e}); re-export it") from None
@@ -56,6 +56,10 @@ class PteModel:
             raise PtekitError(f"{self.path}: no '{method}' method; re-export with --eval-method")
         out = self._module.run_method(method, (torch.tensor([tokens], dtype=torch.long), torch.tensor([start], dtype=torch.long)))[0]
         return out[0] if all_logits else out[0, -1]
+
+    def write_etdump(self, path: Path) -> None:
+        """The runtime's event trace of every execution so far (loaded with etdump=True)."""
+        self._module.write_etdump_result_to_file(str(path))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int], on_token=None) -> list[int]:
         """Greedy decoding, one prefill then one token per step."""
