@@ -20,12 +20,9 @@ FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 
 
 def status() -> dict:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key = line.split(":")[0]
-        if key in FIELDS:
-            out[key] = round(int(line.split()[1]) / 1024, 1)
-    return out
+    from android_runner.runner import rss_mib
+
+    return {f: round(rss_mib(f), 1) for f in FIELDS}
 
 
 def stages(pte: Path, tokenizer: Path, prompt_len: int, gen: int, threads: int) -> list[tuple[str, dict]]:
