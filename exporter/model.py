@@ -115,11 +115,13 @@ class Attention(nn.Module):
             torch.ops.llama.update_cache(v, self.v_cache, start)
             y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True)
         else:
-            self.k_cache[:, start : start + S] = k
-            self.v_cache[:, start : start + S] = v
-            positions = torch.arange(start, start + S)
-            mask = torch.arange(self.k_cache.shape[1])[None, :] <= positions[:, None]
-            y = self._attend(q, self.k_cache.type_as(q), self.v_cache.type_as(q), mask)
+            end = start + S
+            self.k_cache[:, start:end] = k
+            self.v_cache[:, start:end] = v
+            # Only the filled positions: the rest are masked anyway, and reading (and, for grouped
+            # heads, repeating) the whole cache made eager generation several times slower.
+            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+            y = self._attend(q, self.k_cache[:, :end].type_as(q), self.v_cache[:, :end].type_as(q), mask)
         return self.wo(y.reshape(B, -1, self.n_heads * self.head_dim))
 
     def _attend(self, q, k, v, mask):
