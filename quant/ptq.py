@@ -12,8 +12,12 @@ from quant import scheme
 from quant.embedding import Int8Embedding
 
 
-def apply_scheme(model: nn.Module) -> nn.Module:
+def apply_scheme(model: nn.Module, block_weights: dict | None = None) -> nn.Module:
+    """The scheme on a float model. block_weights: {linear name: (int4 integers, scales)} a method
+    already chose for some block linears (GPTQ, QAT on fixed scales); the rest round to nearest."""
     from torchao.quantization import quantize_
+
+    from quant.gptq import set_int4_weight
 
     scheme.check_group_divisible(model)
     model = model.float()
@@ -24,6 +28,8 @@ def apply_scheme(model: nn.Module) -> nn.Module:
     block = set(scheme.block_linears(model))
     quantize_(model, scheme.block_linear_config(), filter_fn=lambda m, fqn: fqn in block)
     quantize_(model, scheme.classifier_config(), filter_fn=lambda m, fqn: fqn == "output")
+    for name, (q, scale) in (block_weights or {}).items():
+        set_int4_weight(model.get_submodule(name), q, scale)
     return model
 
 

@@ -44,10 +44,11 @@ from tqdm import tqdm
 
 from exporter.atomic import atomic_path, write_text
 from exporter.errors import PtekitError
-from quant import data, rotation, scheme
+from quant import data, fake_quant, rotation
 from quant.method import pop_preset
 from quant.cayley import CayleySGD
-from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn, set_int4_weight
+from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn
+from quant.ptq import apply_scheme
 from quant.hadamard import random_hadamard
 
 FORMAT = "ptekit-spinquant/1"
@@ -135,63 +136,6 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
-# --- fake quantization, straight-through ------------------------------------------------------------
-# The same numbers torchao's quantized tensors compute (tests/test_spinquant.py checks it), written
-# as few passes over memory as possible: on a CPU the training step is dominated not by matmuls
-# but by quantizing every rotated weight, and torchao's QAT fake quantizers take several times longer.
-
-_EPS = torch.finfo(torch.float32).eps
-
-
-class _FakeQuantWeight(torch.autograd.Function):
-    """Symmetric per group of the last dimension; the gradient passes straight through."""
-
-    @staticmethod
-    def forward(ctx, w, group_size: int, qmin: int, qmax: int):
-        g = w.reshape(*w.shape[:-1], -1, group_size)
-        lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
-        # Scales rounded to the dtype the .pte stores them in, as torchao rounds them (quant.scheme).
-        scale = torch.maximum(-lo, hi).div_((qmax - qmin) / 2).clamp_(min=_EPS).to(scheme.GROUP_SCALE_DTYPE)
-        q = g * (1.0 / scale)
-        return q.round_().clamp_(qmin, qmax).mul_(scale).reshape(w.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None, None
-
-
-class _FakeQuantAct(torch.autograd.Function):
-    """int8 asymmetric per token, in fp32 (bf16 cannot hold x / scale to the nearest integer up to 255)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return scheme.int8_per_token_fake_quant(x).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
-    return _FakeQuantAct.apply(x)
-
-
-def fake_quant_weight(w: torch.Tensor, group_size: int, qmin: int, qmax: int) -> torch.Tensor:
-    """Symmetric per group (group_size = in_features: per channel)."""
-    return _FakeQuantWeight.apply(w, group_size, qmin, qmax)
-
-
-def fake_quant_block_weight(w: torch.Tensor) -> torch.Tensor:
-    from quant import scheme
-
-    return fake_quant_weight(w, scheme.GROUP_SIZE, -8, 7)
-
-
-def fake_quant_rows_int8(x: torch.Tensor) -> torch.Tensor:
-    """The int8 per-row embedding, applied to the rows a batch looks up."""
-    return fake_quant_weight(x, x.shape[-1], -128, 127)
-
-
 # --- the training loss ------------------------------------------------------------------------------
 
 
@@ -206,7 +150,7 @@ class _QuantTrainLinear(nn.Module):
     def forward(self, x):
         if self.hadamard is not None:
             x = self.hadamard(x)
-        return F.linear(fake_quant_act(x), fake_quant_block_weight(self.w))
+        return F.linear(fake_quant.act(x), fake_quant.block_weight(self.w))
 
 
 class QuantizedLoss:
@@ -258,14 +202,14 @@ class QuantizedLoss:
         tokens = tokens.to(self.device)
         S = tokens.shape[1]
         cos, sin = self.cos[:S], self.sin[:S]
-        h = fake_quant_rows_int8(self.emb[tokens] @ r1)
+        h = fake_quant.embedding_rows(self.emb[tokens] @ r1)
         for i in range(len(self.blocks)):
             if self.checkpoint_layers and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(self._block, i, h, r1, r2[i], cos, sin, use_reentrant=False)
             else:
                 h = self._block(i, h, r1, r2[i], cos, sin)
         h = self.norm(h)
-        logits = F.linear(fake_quant_act(h) @ r1.t(), self.out)
+        logits = F.linear(fake_quant.act(h) @ r1.t(), self.out)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
@@ -447,14 +391,22 @@ def _prepare(model: nn.Module, s: Settings) -> bool:
     return s.r4
 
 
-def _finish(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
-    """The scheme: ptq's int8 embedding and classifier, then the block linears' own integers."""
-    from quant.ptq import apply_scheme
+def hadamard_gptq(model: nn.Module, tokens: torch.Tensor, seed: int, device: str = "cpu",
+                  progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`-O rotation=hadamard` on a float model, in place: norms folded, R4 online where the FFN size
+    allows, random Hadamard R1/R2 merged, then GPTQ of the block linears on `tokens`. Returns GPTQ's
+    {linear: (integers, scales)}; the model holds their dequantized weights. The start qlora's
+    rotation=hadamard trains from."""
+    s = Settings(rotation="hadamard", seed=seed)
+    _prepare(model, s)
+    rotation.apply_rotations(model, *random_rotations(model.config, seed))
+    opts = GPTQOptions(damp=s.damp, act_order=s.act_order, true_sequential=s.true_sequential)
+    return gptq_model(model, tokens, opts, device, progress=progress)
 
-    model = apply_scheme(model)
-    for name, (q, scale) in weights.items():
-        set_int4_weight(model.get_submodule(name), q, scale)
-    return model
+
+def rotated_structure(model: nn.Module) -> None:
+    """The layout hadamard_gptq leaves (norms folded, R4 modules in), for loading its weights into."""
+    _prepare(model, Settings(rotation="hadamard"))
 
 
 def quantize(model: nn.Module, inputs) -> nn.Module:
@@ -480,7 +432,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
         loaded = model.load_state_dict(floats, strict=False)  # the block linears come as integers below
         if loaded.unexpected_keys or set(loaded.missing_keys) - {f"{n}.weight" for n in weights}:
             raise PtekitError(f"{work / CHECKPOINT}: does not fit this model; delete {work} to quantize again")
-        return _finish(model, weights)
+        return apply_scheme(model, weights)
 
     t0 = time.perf_counter()
     seconds, record = {}, {}
@@ -519,7 +471,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
                              if s.rotation == "learned" else 0,
                              "gptq_tokens": s.gptq_samples * s.gptq_seq_len if s.gptq else 0}
     save_result(work, fp, s, floats, weights, r1, r2, r4, record, seconds)
-    return _finish(model, weights)
+    return apply_scheme(model, weights)
 
 
 def _is_block_linear(key: str) -> bool:

@@ -102,17 +102,17 @@ def test_fake_quantized_linear_equals_torchao_scheme():
     from torchao.quantization import quantize_
 
     from quant import scheme
-    from quant.spinquant import fake_quant_act, fake_quant_block_weight
+    from quant import fake_quant
 
     torch.manual_seed(0)
     lin = nn.Linear(128, 64, bias=False)
     x = torch.randn(2, 9, 128) * torch.linspace(0.1, 5, 128)
-    ours = nn.functional.linear(fake_quant_act(x), fake_quant_block_weight(lin.weight))
+    ours = nn.functional.linear(fake_quant.act(x), fake_quant.block_weight(lin.weight))
     quantize_(lin, scheme.block_linear_config())
     torch.testing.assert_close(ours, lin(x), atol=1e-5, rtol=1e-5)
     # Straight-through: gradients pass as if there were no rounding.
     w = torch.randn(8, 64, requires_grad=True)
-    fake_quant_block_weight(w).sum().backward()
+    fake_quant.block_weight(w).sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
 
 
