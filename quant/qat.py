@@ -1,75 +1,140 @@
-"""Quantization-aware training to the spec'd scheme, through torchao's QAT API.
+"""Quantization-aware training to the spec'd scheme.
 
-`prepare` swaps the modules for torchao's fake-quantized ones, configured from quant.scheme:
-block linears 8da4w group 32, the classifier 8-bit per channel with 8-bit per-token
-activations, the embedding 8-bit per row. `convert` swaps them back to plain modules holding the
-trained float weights; quant.ptq.apply_scheme then quantizes those with the same torchao
-primitives, so the integers and scales the device gets are the ones training saw (the tests
-check this integer for integer).
+`prepare` turns the model's quantized layers into fake-quantized ones (quant.fake_quant): block
+linears int4 group 32 with int8 per-token activations, the classifier int8 per channel with int8
+per-token activations, the embedding int8 per row. They are subclasses of the layers they replace
+and keep the same parameters under the same names, so LoRA wraps them and checkpoints read the same.
 
-A tied classifier stays tied through training (both fake quantizers read the one weight);
-apply_scheme unties it at the end, as it does for ptq.
+The block linears' group scales are fixed when training starts (a buffer `scale` per linear): the
+round-to-nearest scales of the starting weights, or the scales a method chose before (GPTQ's, when
+qlora starts from a rotated, GPTQ-quantized model: recomputing max-based scales from GPTQ's
+dequantized weights would move every group to another grid and undo GPTQ). The classifier and the
+embedding keep scales computed from their weights, as ptq's are.
+
+`convert` gives back the plain layers holding the trained float weights and returns the block
+linears' integers on their fixed scales; quant.ptq.apply_scheme quantizes the rest with torchao's
+primitives and takes those integers as they are, so what the device gets is what training saw
+(tests/test_qlora.py checks this integer for integer).
+
+A tied classifier stays tied through training (both read the one weight); apply_scheme unties it
+at the end, as it does for ptq. SpinQuant's online Hadamard (R4) before a down projection is kept:
+the activation quantization sees the transformed input, as on the device.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from quant import scheme
+from quant import fake_quant, scheme
+from quant.hadamard import HadamardInputLinear
 
 
-def embedding_config():
-    """8-bit symmetric per row: what quant.embedding.quantize_rows_int8 computes."""
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
+class FakeQuantLinear(nn.Linear):
+    """A quantized linear during training: its input and weight go through the scheme's rounding."""
 
-    return IntxFakeQuantizeConfig(scheme.EMBEDDING_WEIGHT_DTYPE, "per_channel", is_symmetric=True)
+    def __init__(self, in_features: int, out_features: int, hadamard: nn.Module | None = None,
+                 scale: torch.Tensor | None = None):
+        with torch.device("meta"):
+            super().__init__(in_features, out_features, bias=False)
+        self.hadamard = hadamard
+        # None: the classifier (int8 per channel, scales from the weight); else int4 on these scales.
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, scale: torch.Tensor | None = None) -> "FakeQuantLinear":
+        new = cls(linear.in_features, linear.out_features, getattr(linear, "hadamard", None), scale)
+        new.weight = linear.weight
+        return new
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        if self.scale is None:
+            return fake_quant.classifier_weight(self.weight)
+        return fake_quant.block_weight_on_grid(self.weight, self.scale)
+
+    def int4(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integers, scales) of the block linear's weight, as the forward pass rounds it."""
+        from quant.gptq import round_to_grid
+
+        w = self.weight.detach().float().reshape(self.out_features, -1, scheme.GROUP_SIZE)
+        q = round_to_grid(w, self.scale.float()[..., None]).reshape(self.weight.shape).to(torch.int8)
+        return q, self.scale.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard is not None:
+            x = self.hadamard(x)
+        return F.linear(fake_quant.act(x), self.fake_quantized_weight())
+
+    def plain(self) -> nn.Linear:
+        """The layer it replaced (an R4 down projection stays one), holding the trained weight."""
+        if self.hadamard is not None:
+            new = HadamardInputLinear.wrap(self)
+            new.hadamard = self.hadamard
+        else:
+            with torch.device("meta"):
+                new = nn.Linear(self.in_features, self.out_features, bias=False)
+            new.weight = self.weight
+        return new
 
 
-def prepare(model: nn.Module) -> nn.Module:
-    """Fake-quantizes the model in place, exactly as the scheme will quantize it."""
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import FakeQuantizedEmbedding, QATConfig
+class FakeQuantEmbedding(nn.Embedding):
+    """Looks rows up, then rounds them as the int8 per-row table will (only the rows a batch uses)."""
+
+    @classmethod
+    def wrap(cls, emb: nn.Embedding) -> "FakeQuantEmbedding":
+        with torch.device("meta"):
+            new = cls(emb.num_embeddings, emb.embedding_dim)
+        new.weight = emb.weight
+        return new
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        return fake_quant.embedding_rows(self.weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return fake_quant.embedding_rows(F.embedding(tokens, self.weight))
+
+    def plain(self) -> nn.Embedding:
+        with torch.device("meta"):
+            new = nn.Embedding(self.num_embeddings, self.embedding_dim)
+        new.weight = self.weight
+        return new
+
+
+def prepare(model: nn.Module, scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Fake-quantizes the model in place, exactly as the scheme will quantize it. `scales`: the
+    block linears' group scales by name (default: round to nearest of the current weights)."""
+    from quant.gptq import group_scales
 
     scheme.check_group_divisible(model)
-    block = set(scheme.block_linears(model))
-    act, weight = scheme.qat_block_linear_configs()
-    quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
-              filter_fn=lambda m, fqn: fqn in block)
-    act, weight = scheme.qat_classifier_configs()
-    quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
-              filter_fn=lambda m, fqn: fqn == "output")
-    model.tok_embeddings = FakeQuantizedEmbedding.from_embedding(model.tok_embeddings, embedding_config())
+    scales = scales or {}
+    for name, lin in scheme.block_linears(model).items():
+        scale = scales[name] if name in scales else group_scales(lin.weight.detach())
+        _replace(model, name, FakeQuantLinear.wrap(lin, scale.float().to(lin.weight.device)))
+    model.output = FakeQuantLinear.wrap(model.output)
+    model.tok_embeddings = FakeQuantEmbedding.wrap(model.tok_embeddings)
     return model
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """Back to plain nn.Linear / nn.Embedding holding the trained float weights (in place)."""
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, QATConfig
-
-    quantize_(model, QATConfig(step="convert"), filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
-    if isinstance(model.tok_embeddings, FakeQuantizedEmbedding):
-        tied = model.output.weight is model.tok_embeddings.weight
-        model.tok_embeddings = model.tok_embeddings.to_embedding()
-        if tied:
-            model.output.weight = model.tok_embeddings.weight
-    return model
-
-
-def is_prepared(model: nn.Module) -> bool:
-    from torchao.quantization.qat import FakeQuantizedLinear
-
-    return any(isinstance(m, FakeQuantizedLinear) for m in model.modules())
+def convert(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Back to plain nn.Linear / nn.Embedding holding the trained float weights (in place); returns
+    the block linears' (integers, scales) by name, for quant.ptq.apply_scheme."""
+    int4 = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)):
+            if isinstance(m, FakeQuantLinear) and m.scale is not None:
+                int4[name] = m.int4()
+            _replace(model, name, m.plain())
+    return int4
 
 
 def fake_quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> the weight as the fake quantizer presents it to the forward pass (for checks)."""
-    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
-
-    out = {}
+    """Name -> the weight as the forward pass sees it."""
     with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, (FakeQuantizedLinear, FakeQuantizedEmbedding)) and m.weight_fake_quantizer is not None:
-                out[name] = m.weight_fake_quantizer(m.weight)
-    return out
+        return {name: m.fake_quantized_weight() for name, m in model.named_modules()
+                if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding))}
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

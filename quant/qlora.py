@@ -2,10 +2,22 @@
 quantized models), ending in the spec'd scheme.
 
 1. QAT: every parameter trains while the model runs fake-quantized exactly as the scheme
-   (quant.qat, torchao's QAT API), on CE of the response tokens + distillation from the BF16
-   model's logits.
+   (quant.qat).
 2. LoRA: that backbone is frozen (still fake-quantized) and every block linear gets a float
    adapter (rank 16, scale 2.0 by default), trained on the same objective.
+
+The objective says what the method is for:
+- without --data (the default): distillation only, KL from the BF16 model's next-token
+  distribution, on text the BF16 model writes itself (data-free, as LLM-QAT). The quantized model
+  is pulled toward the model it replaces, on no particular domain: this is recovery, judged by its
+  KL to BF16 on text it never saw.
+- with --data FILE (the user's own chat/SFT data or text): cross-entropy on its targets plus the
+  same distillation. That is fine-tuning toward the data, not only recovery; ce_weight=0 turns it
+  back into distillation on that data.
+
+rotation=hadamard starts the training from SpinQuant's outlier-free weights instead of the
+checkpoint's: random Hadamard R1/R2 merged, R4 online, GPTQ on the training windows
+(quant.spinquant.hadamard_gptq), and QAT keeps GPTQ's group scales (quant.qat).
 3. DPO (off unless preference data is given): backbone and adapters together (quant.dpo).
 
 Then the fake quantizers come off and quant.ptq.apply_scheme quantizes the trained base
@@ -56,8 +68,10 @@ class QLoRASettings:
     micro_batch: int = 4
     grad_accum: int = 2
     warmup_steps: int = 10
-    ce_weight: float = 1.0
+    ce_weight: float | None = None  # None: 0 (distillation only) without --data, 1 with it
     kd_weight: float = 1.0  # distillation from the BF16 model's logits; 0 turns it off
+    rotation: str = "none"  # none | hadamard: start from random Hadamard rotations + GPTQ
+    gptq_samples: int = 64  # rotation=hadamard: training windows GPTQ calibrates on
     checkpoint_every: int = 50
     autocast: bool | None = None
     gen_sequences: int = 256  # data-free: how many sequences the BF16 model writes
@@ -84,13 +98,16 @@ class QLoRASettings:
                 raise PtekitError(f"qlora: {key} must be at least 1 (got {getattr(s, key)})")
         if s.qat_steps < 0 or s.lora_steps < 0:
             raise PtekitError(f"qlora: qat_steps and lora_steps must be 0 or more (got {s.qat_steps}, {s.lora_steps})")
+        if s.rotation not in ("none", "hadamard"):
+            raise PtekitError(f"qlora: option rotation={s.rotation!r}; choose none or hadamard")
         if s.qat_steps == 0 and s.lora_steps == 0:
             raise PtekitError("qlora: qat_steps=0 and lora_steps=0 train nothing; use --method ptq for round to nearest")
         return s
 
-    def train_config(self, steps: int, lr: float, seed: int) -> TrainConfig:
+    def train_config(self, steps: int, lr: float, seed: int, user_data: bool) -> TrainConfig:
+        ce = self.ce_weight if self.ce_weight is not None else (1.0 if user_data else 0.0)
         return TrainConfig(steps=steps, lr=lr, warmup_steps=min(self.warmup_steps, steps // 10),
-                           micro_batch=self.micro_batch, grad_accum=self.grad_accum, ce_weight=self.ce_weight,
+                           micro_batch=self.micro_batch, grad_accum=self.grad_accum, ce_weight=ce,
                            kd_weight=self.kd_weight, checkpoint_every=self.checkpoint_every,
                            autocast=self.autocast, seed=seed)
 
@@ -100,7 +117,9 @@ PRESETS = {
     "paper": {},
     # 205K tokens (91% there) is what fits an hour of 2 CPU cores; the adapters then get few
     # steps, so a LoRA-sized learning rate rather than the backbone's.
-    "cpu": {"qat_steps": 50, "lora_steps": 20, "lora_lr": 1e-3},
+    # Micro-batches of 2 x 512 accumulated 4 times: the same 8 x 512 a step at less than half the
+    # activation memory of 4 x 512 (BENCHMARKS.md, QAT).
+    "cpu": {"qat_steps": 50, "lora_steps": 20, "lora_lr": 1e-3, "micro_batch": 2, "grad_accum": 4},
 }
 
 
@@ -135,13 +154,10 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def data_source(inputs: MethodInputs) -> Path | str:
-    """The file to train on, or SELF_GENERATED. Default: WikiText-2 validation text beside the
-    project when it is there, else the model's own text, so a bare checkpoint is enough."""
+    """The file to train on, or SELF_GENERATED (the default: the BF16 model's own text, so the
+    training narrows the model to no domain and a bare checkpoint is enough)."""
     src = inputs.calibration
-    if src is None:
-        default = sft_data.default_text()
-        return default if default.is_file() else sft_data.SELF_GENERATED
-    if str(src) == sft_data.SELF_GENERATED and not Path(src).exists():
+    if src is None or (str(src) == sft_data.SELF_GENERATED and not Path(src).exists()):
         return sft_data.SELF_GENERATED
     return Path(src)
 
@@ -184,7 +200,8 @@ def training_windows(src, inputs: MethodInputs, s: QLoRASettings, seq_len: int, 
 
 
 def save_trained(d: Path, model: nn.Module, meta: dict) -> None:
-    """Backbone (float, after QAT) and adapters as safetensors, plus how to rebuild the model."""
+    """The trained model, still fake-quantized (float backbone after QAT, its fixed group scales,
+    the adapters) as safetensors, plus how to rebuild it (qlora.json)."""
     from safetensors.torch import save_file
 
     from exporter.atomic import atomic_dir
@@ -197,16 +214,22 @@ def save_trained(d: Path, model: nn.Module, meta: dict) -> None:
         (tmp / "qlora.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_trained(d: Path, model: nn.Module, fingerprint: str) -> nn.Module | None:
-    """The trained model rebuilt on `model` when d holds the result of these settings, else None."""
+def load_trained(d: Path, model: nn.Module, fingerprint: str) -> bool:
+    """Rebuilds the trained, fake-quantized model on `model` (in place) when d holds the result of
+    these settings; False when it does not."""
     meta_path = d / "qlora.json"
     if not meta_path.exists():
-        return None
+        return False
     meta = json.loads(meta_path.read_text())
     if meta.get("fingerprint") != fingerprint:
-        return None
+        return False
     from safetensors.torch import load_file
 
+    if meta.get("rotation", "none") != "none":
+        from quant.spinquant import rotated_structure
+
+        rotated_structure(model)
+    qat.prepare(model)  # the fixed scales come from the file
     if meta["lora"]:
         lora.add_lora(model, meta["lora"]["rank"], meta["lora"]["scale"])
     sd = load_file(d / "model.safetensors")
@@ -214,7 +237,7 @@ def load_trained(d: Path, model: nn.Module, fingerprint: str) -> nn.Module | Non
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if not (tied and k == "output.weight")]:
         raise PtekitError(f"{d}: the saved trained weights do not fit this model; delete {d} to train again")
-    return model
+    return True
 
 
 # --- the method --------------------------------------------------------------------------------
@@ -234,30 +257,39 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     # One fingerprint per round, chained: a round's checkpoint is reused only by a run that
     # would have produced it (same weights, data and settings up to that round).
     fp_data = _hash(weights_hash(model), data_id(src, s, inputs.seed), seq_len)
-    rounds = [("qat", s.train_config(s.qat_steps, s.lr, inputs.seed))]
+    fp_start = _hash(fp_data, s.rotation, s.gptq_samples if s.rotation != "none" else None)
+    user_data = src != sft_data.SELF_GENERATED
+    rounds = [("qat", s.train_config(s.qat_steps, s.lr, inputs.seed, user_data))]
     if s.lora_steps > 0:
-        rounds.append(("lora", s.train_config(s.lora_steps, s.lora_lr, inputs.seed)))
+        rounds.append(("lora", s.train_config(s.lora_steps, s.lora_lr, inputs.seed, user_data)))
     if s.dpo_data:
-        rounds.append(("dpo", s.train_config(s.dpo_steps, s.dpo_lr, inputs.seed)))
-    fps, prev = {}, fp_data
+        rounds.append(("dpo", s.train_config(s.dpo_steps, s.dpo_lr, inputs.seed, user_data)))
+    fps, prev = {}, fp_start
     for name, cfg in rounds:
         extra = (s.rank, s.scale) if name == "lora" else (data_id(s.dpo_data, s, 0), s.dpo_beta) if name == "dpo" else ()
         fps[name] = prev = _hash(prev, name, cfg.fingerprint(), extra)
 
     meta = {"fingerprint": prev, "lora": {"rank": s.rank, "scale": s.scale} if s.lora_steps > 0 else None,
             "rounds": {name: dataclasses.asdict(cfg) for name, cfg in rounds},
-            "data": str(src), "seq_len": seq_len}
-    trained = load_trained(work / TRAINED, model, prev)
-    if trained is not None:
+            "data": str(src), "seq_len": seq_len, "rotation": s.rotation}
+    if load_trained(work / TRAINED, model, prev):
         _leave_if_helper(d)
-        return apply_scheme(trained)
+        return apply_scheme(model, qat.convert(model))
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     windows = training_windows(src, inputs, s, seq_len, teacher, device, d, fp_data)
     model.to(device)
     teacher.to(device)
 
-    qat.prepare(model)
+    scales = None
+    if s.rotation == "hadamard":
+        from quant.spinquant import hadamard_gptq
+
+        # Deterministic (seed, windows), so a resumed run rebuilds the same start before loading its state.
+        gptq = hadamard_gptq(model, windows.tokens[: s.gptq_samples, :seq_len], inputs.seed, str(device),
+                             progress=s.progress)
+        scales = {name: scale for name, (_, scale) in gptq.items()}
+    qat.prepare(model, scales)
     cfg = dict(rounds)["qat"]
     kd_teacher = teacher if s.kd_weight else None
     if s.qat_steps > 0:  # 0: the adapters learn on the round-to-nearest backbone (full AdamW state not needed)
@@ -284,11 +316,10 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
               work / "dpo" / "state.pt", fps["dpo"], device, d, progress=s.progress)
 
     model.to("cpu")
-    qat.convert(model)
     if d.main:
         save_trained(work / TRAINED, model, meta)
     _leave_if_helper(d)
-    return apply_scheme(model)
+    return apply_scheme(model, qat.convert(model))
 
 
 def _leave_if_helper(d: Dist) -> None:

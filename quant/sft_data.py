@@ -51,12 +51,6 @@ class Windows:
         return self.tokens.shape[1] - 1
 
 
-def default_text() -> Path:
-    from exporter.defaults import shared_data_dir
-
-    return shared_data_dir() / "wikitext-2-valid-tokens.txt"
-
-
 # --- reading files -----------------------------------------------------------------------------
 
 
@@ -201,7 +195,7 @@ def load_preferences(path: Path, tok) -> list[PreferencePair]:
 
 
 @torch.no_grad()
-def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, batch: int = 16,
+def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, batch: int = 64,
                    greedy_tokens: int = 3, progress: bool = True) -> list[Example]:
     """LLM-QAT's data-free recipe: a random first token, a few greedy tokens, then sampling.
 
@@ -211,7 +205,7 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
     from tqdm import tqdm
 
     cfg = model.config
-    if length > cfg.max_seq_len:
+    if length - 1 > cfg.max_seq_len:  # the last token is sampled, never fed back
         raise PtekitError(f"self-generated data: length {length} exceeds the model's max_seq_len {cfg.max_seq_len}; "
                           "export with a larger --max-seq-len or train on shorter windows")
     device = next(model.parameters()).device

@@ -47,18 +47,17 @@ def test_fake_quantization_is_the_converted_quantization(tie):
     fake = qat.fake_quantized_weights(model)
     assert len(fake) == 2 * 7 + 2  # every block linear, the classifier, the embedding
 
-    converted = apply_scheme(qat.convert(copy.deepcopy(model)))
+    converted = copy.deepcopy(model)
+    converted = apply_scheme(converted, qat.convert(converted))
     for name, w in fake.items():
-        fq = model.get_submodule(name).weight_fake_quantizer
         mod = converted.get_submodule(name)
         if name == "tok_embeddings":
             scale, ints = mod.scales, mod.weight
-            assert torch.equal(fq.scale.reshape(-1), scale)
             assert torch.equal(torch.round(w / scale[:, None]).to(torch.int8), ints)
+            assert torch.equal(mod.dequantized(), w)
             continue
         t = mod.weight
         assert type(t).__name__ == "IntxUnpackedToInt8Tensor", name
-        assert torch.equal(fq.scale.reshape(t.scale.shape), t.scale), name
         group = t.qdata.shape[1] // t.scale.shape[1]
         ints = torch.round(w.reshape(*t.scale.shape, group) / t.scale[..., None]).reshape(t.qdata.shape)
         assert torch.equal(ints.to(torch.int8), t.qdata), name
@@ -361,3 +360,54 @@ def test_smollm2_qlora_recovers_90_percent_of_the_ptq_gap(smollm2_hf, wikitext_v
     recovered = (ptq - qlora) / (ptq - bf16)
     print(f"PPL bf16 {bf16:.3f} ptq {ptq:.3f} qlora {qlora:.3f}: recovered {recovered:.1%} of the gap")
     assert recovered >= 0.9
+
+
+# --- the objective and the start ---------------------------------------------------------------
+
+
+def test_without_data_it_distills_on_the_models_own_text_and_with_data_it_fine_tunes(tmp_path):
+    """No --data: KL to the BF16 model only, on self-generated text (recovery on no particular
+    domain). --data FILE: cross-entropy on the file's targets as well (fine-tuning)."""
+    from quant import sft_data
+    from quant.method import MethodInputs
+    from quant.qlora import QLoRASettings, data_source
+
+    bare = MethodInputs(work_dir=tmp_path)
+    assert data_source(bare) == sft_data.SELF_GENERATED
+    s = QLoRASettings.from_inputs(bare)
+    kd_only = s.train_config(5, 1e-4, 0, user_data=False)
+    assert (kd_only.ce_weight, kd_only.kd_weight) == (0.0, 1.0)
+    tuned = s.train_config(5, 1e-4, 0, user_data=True)
+    assert (tuned.ce_weight, tuned.kd_weight) == (1.0, 1.0)
+    forced = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"ce_weight": "0"}))
+    assert forced.train_config(5, 1e-4, 0, user_data=True).ce_weight == 0.0
+    with pytest.raises(PtekitError, match="rotation='learned'; choose none or hadamard"):
+        QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"rotation": "learned"}))
+
+
+def test_rotated_start_trains_on_gptqs_grid_and_the_device_gets_what_training_saw():
+    """rotation=hadamard: QAT keeps GPTQ's scales, so before any step the fake-quantized weights are
+    GPTQ's own integers (recomputed max-based scales would move them), and after a step the
+    converted model still computes exactly what the fake-quantized one did."""
+    import copy
+
+    from quant import qat
+    from quant.ptq import apply_scheme
+    from quant.spinquant import hadamard_gptq
+
+    model = small_model(vocab=512)
+    tokens = torch.randint(0, 512, (8, 32))
+    gptq = hadamard_gptq(model, tokens, seed=0, progress=False)
+    qat.prepare(model, {n: s for n, (_, s) in gptq.items()})
+    for name, (q, scale) in gptq.items():
+        ints, s = model.get_submodule(name).int4()
+        assert torch.equal(ints, q) and torch.equal(s, scale.float()), name
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model(tokens).logsumexp(-1).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        fake = model(tokens)
+    converted = copy.deepcopy(model)
+    converted = apply_scheme(converted, qat.convert(converted))
+    with torch.no_grad():
+        assert torch.equal(converted(tokens), fake)
