@@ -36,6 +36,11 @@ from exporter.errors import PtekitError
 DEFAULT_SEQ_LEN = 512
 WIKITEXT2 = "wikitext2"
 WIKITEXT2_TEST = "wikitext-2-raw-test.txt"
+# The second domain every quality table reports: technical reference text that no method trains
+# or calibrates on, shipped with ptekit (benchmarks/data/README.md says what it is and its licence).
+PYTHON_DOCS = "python-docs"
+PYTHON_DOCS_FILE = Path(__file__).parent / "data" / "python-stdlib-docs.txt"
+DOMAINS = (WIKITEXT2, PYTHON_DOCS)
 # The calibration/training split (../shared/data/README.md): scoring on it flatters every
 # method that was fitted to it, so it is refused unless asked for.
 CALIBRATION_SPLIT = "wikitext-2-valid-tokens.txt"
@@ -70,7 +75,8 @@ class EvalOptions:
 
 
 def resolve_data(spec: str, allow_calibration: bool = False) -> Path:
-    """`wikitext2` (the test split beside the project) or a file; the calibration split is refused."""
+    """`wikitext2` (the test split beside the project), `python-docs` (shipped) or a file; the
+    calibration split is refused."""
     from exporter.defaults import shared_data_dir
     from exporter.manifest import file_sha256
 
@@ -80,9 +86,11 @@ def resolve_data(spec: str, allow_calibration: bool = False) -> Path:
             raise PtekitError(f"{path}: WikiText-2 test split not found; put the shared data beside the "
                               "checkout (../shared/data) or pass a text/JSONL file with --data")
         return path
+    if spec == PYTHON_DOCS:
+        return PYTHON_DOCS_FILE
     path = Path(spec)
     if not path.is_file():
-        raise PtekitError(f"{path}: data file not found; pass '{WIKITEXT2}' or a plain-text or JSONL file with --data")
+        raise PtekitError(f"{path}: data file not found; pass '{WIKITEXT2}', '{PYTHON_DOCS}' or a plain-text or JSONL file with --data")
     if not allow_calibration and (path.name == CALIBRATION_SPLIT or file_sha256(path) == CALIBRATION_SHA256):
         raise PtekitError(f"{path}: this is WikiText-2's validation split, the calibration/training data of the "
                           f"quantization methods; evaluate on '{WIKITEXT2}' (the test split), or pass "

@@ -249,3 +249,14 @@ def test_eager_view_keeps_the_online_hadamard():
         fast = model(x).float()
     assert n == 1 and isinstance(model[0], Bf16GemmLinear) and model[0].hadamard.h_p1.dtype == torch.float32
     assert (fast - exact).norm() < 0.02 * exact.norm()
+
+
+def test_the_second_domain_is_shipped_as_its_readme_says():
+    """`--data python-docs` resolves to the shipped file, whose size and hash are the README's."""
+    from benchmarks.quality import PYTHON_DOCS, PYTHON_DOCS_FILE, resolve_data
+    from exporter.manifest import file_sha256
+
+    assert resolve_data(PYTHON_DOCS) == PYTHON_DOCS_FILE
+    readme = (PYTHON_DOCS_FILE.parent / "README.md").read_text()
+    assert file_sha256(PYTHON_DOCS_FILE) in readme
+    assert f"{PYTHON_DOCS_FILE.stat().st_size:,} bytes" in readme
