@@ -125,13 +125,22 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, -1, self.n_heads * self.head_dim))
 
     def _attend(self, q, k, v, mask):
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        """q [B, S, H, D], k and v [B, T, Hkv, D] -> [B, S, H, D]."""
         rep = self.n_heads // self.n_kv_heads
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return y.transpose(1, 2)
+        if mask is None:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+            if rep > 1:
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        # Against a cache (eager decoding), written out with the query heads grouped by the KV
+        # head they share: PyTorch's CPU flash-attention kernel for a few query positions, and
+        # repeating the cache for every query head, were most of the cost of eager decoding.
+        B, S, _, D = q.shape
+        qg = q.reshape(B, S, self.n_kv_heads, rep, D)
+        scores = torch.einsum("bsgrd,btgd->bgrst", qg, k) * (1.0 / math.sqrt(D))
+        p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return torch.einsum("bgrst,btgd->bsgrd", p, v).reshape(B, S, -1, D)
 
 
 class FeedForward(nn.Module):
