@@ -180,10 +180,14 @@ def _load_hf(d: Path) -> Checkpoint:
         meta = hf_to_meta_name(name)
         if meta is None:
             raise PtekitError(f"{d}: unexpected tensor {name!r}; is this a plain LlamaForCausalLM checkpoint?")
-        if meta.endswith("attention.wq.weight"):
-            t = permute_hf_to_meta(t, cfg.n_heads)
-        elif meta.endswith("attention.wk.weight"):
-            t = permute_hf_to_meta(t, cfg.n_kv_heads)
+        if meta.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = cfg.n_heads if meta.endswith("wq.weight") else cfg.n_kv_heads
+            if tuple(t.shape) != (heads * cfg.head_dim, cfg.dim):
+                # Checked here, before the RoPE permutation reshapes it by the config's head count.
+                raise PtekitError(
+                    f"{d}: weights and config disagree: {name} has shape {tuple(t.shape)}, the config implies "
+                    f"{(heads * cfg.head_dim, cfg.dim)}; check that config and weights come from the same model")
+            t = permute_hf_to_meta(t, heads)
         sd[meta] = t
     tok = next((d / n for n in ("tokenizer.json", "tokenizer.model") if (d / n).exists()), None)
     extra = {k: raw_cfg[k] for k in ("bos_token_id", "eos_token_id") if k in raw_cfg}

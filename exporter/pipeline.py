@@ -51,6 +51,8 @@ class ExportResult:
 def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[Tokenizer | None], MethodInputs],
                     max_seq_len: int, stage=lambda name: None):
     """Loads the checkpoint and applies the method: (Checkpoint, tokenizer, quantized model)."""
+    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise PtekitError(f"--max-seq-len {max_seq_len}: the KV cache needs at least 2 positions (prompt + one token)")
     table = method_table()
     if method not in table:
         raise PtekitError(f"unknown method {method!r}; choose one of {', '.join(table)}")
