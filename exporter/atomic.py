@@ -73,6 +73,20 @@ def write_text(final: Path, text: str) -> None:
     write_bytes(final, text.encode())
 
 
+def write_files(files: dict) -> None:
+    """Files that belong together ({path: bytes or str}): all are written and synced under temp names
+    first, then renamed into place one after another, so a failure while writing any of them leaves
+    none of them (and the previous versions as they were)."""
+    with contextlib.ExitStack() as stack:
+        for path, data in files.items():
+            path = Path(path)
+            try:
+                tmp = stack.enter_context(atomic_path(path))
+                tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+            except OSError as e:
+                raise PtekitError(f"{path}: cannot write it ({e.strerror}); choose another path") from None
+
+
 def _exchange(a: Path, b: Path) -> None:
     """Swaps two existing paths in one step (renameat2 RENAME_EXCHANGE); OSError where unsupported."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

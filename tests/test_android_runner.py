@@ -371,3 +371,20 @@ def test_commands_to_a_device_in_another_state_fail_as_adb_does(fake_adb, monkey
     monkeypatch.setenv("FAKE_ADB_DEVICES", f"R58M:{state}")
     r = adb("-s", "R58M", "shell", "true")
     assert r.returncode == 1 and message in r.stderr
+
+
+def test_bench_results_are_written_together_or_not_at_all(tmp_path):
+    """The JSON and the table: when the second cannot be written, the first is not replaced either."""
+    r = _result("bf16", "1B BF16", 2358, 19.2, 1.0, 60.3, 3185)
+    for v in r["summary"].values():
+        v.update(min=v["median"], max=v["median"], n=3)
+    results = [{**r, "runs": []}]  # the table and the spread, without the notes on the runs' settings
+    old = tmp_path / "bench.json"
+    old.write_text("previous results")
+    with pytest.raises(PtekitError, match="missing/bench.md: cannot write it"):
+        report.write(results, old, tmp_path / "missing" / "bench.md")
+    assert old.read_text() == "previous results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no temp file either
+    report.write(results, old, tmp_path / "bench.md")
+    assert json.loads(old.read_text())["results"][0]["model"]["label"] == "1B BF16"
+    assert (tmp_path / "bench.md").read_text() == report.markdown(results)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,8 +74,6 @@ class Boom(Exception):
 
 def tree(root) -> dict:
     """Every path under root -> its bytes (None for a directory): what a failed export must not change."""
-    from pathlib import Path
-
     return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(Path(root).rglob("*"))}
 
 
@@ -241,3 +240,26 @@ def test_cli_errors_are_one_line(args, message, tiny_hf, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("point", ["weights", "config"])
+def test_failed_gguf_import_leaves_the_previous_import_untouched(smollm2_gguf, tmp_path, monkeypatch, point, exc):
+    import safetensors.torch
+
+    import exporter.gguf_import as gguf_import
+
+    out = tmp_path / "hf"
+    gguf_import.import_gguf(smollm2_gguf, out)
+    (out / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    if point == "weights":
+        def half_written(sd, path, metadata=None):
+            Path(path).write_bytes(b"\0" * 1000)
+            raise exc
+        monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    else:  # the weights are written, the config is not
+        monkeypatch.setattr(gguf_import, "to_hf_config", lambda *a, **k: (_ for _ in ()).throw(exc()))
+    with pytest.raises(exc):
+        gguf_import.import_gguf(smollm2_gguf, out)
+    assert tree(tmp_path) == before
