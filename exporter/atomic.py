@@ -13,7 +13,9 @@ import ctypes.util
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -130,6 +132,22 @@ def _fsync_tree(d: Path) -> None:
 
 
 @contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C waits until the block has run: a swap and its cleanup are never left halfway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def atomic_dir(final: Path, keep: Callable[[str], bool] | None = None):
     """Yields a temp directory beside `final`; on success it replaces `final` whole.
 
@@ -149,25 +167,27 @@ def atomic_dir(final: Path, keep: Callable[[str], bool] | None = None):
             _carry(final, tmp, keep)
         _fsync_tree(tmp)
         os.chmod(tmp, 0o777 & ~_UMASK)
-        if not final.exists():
-            os.rename(tmp, final)
-        else:
-            try:
-                _exchange(tmp, final)  # tmp now holds the old directory, removed below
-            except OSError:
-                # No RENAME_EXCHANGE (another OS, an old kernel, some filesystems): two renames,
-                # and the old directory is put back if the second one does not happen.
-                backup = tmp.with_suffix(".old")
-                os.rename(final, backup)
-                os.rename(tmp, final)
-    finally:
-        if backup is not None and backup.exists():
+        with _interrupts_deferred():
             if not final.exists():
-                os.rename(backup, final)
+                os.rename(tmp, final)
             else:
-                shutil.rmtree(backup, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.exists():
-            for p in made:
-                with contextlib.suppress(OSError):
-                    p.rmdir()
+                try:
+                    _exchange(tmp, final)  # tmp now holds the old directory, removed below
+                except OSError:
+                    # No RENAME_EXCHANGE (another OS, an old kernel, some filesystems): two renames,
+                    # and the old directory is put back if the second one does not happen.
+                    backup = tmp.with_suffix(".old")
+                    os.rename(final, backup)
+                    os.rename(tmp, final)
+    finally:
+        with _interrupts_deferred():
+            if backup is not None and backup.exists():
+                if not final.exists():
+                    os.rename(backup, final)
+                else:
+                    shutil.rmtree(backup, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.exists():
+                for p in made:
+                    with contextlib.suppress(OSError):
+                        p.rmdir()

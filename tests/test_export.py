@@ -97,6 +97,11 @@ def previous_export(tiny_ptq_pte, tmp_path):
 
     out = tmp_path / "out"
     shutil.copytree(tiny_ptq_pte.parent, out)
+    # Its .pte differs from what the new export writes, so a test can tell which one is in place.
+    (out / "model.pte").write_bytes(b"an earlier export's .pte")
+    man = json.loads((out / "manifest.json").read_text())
+    man.update(pte_bytes=len(b"an earlier export's .pte"), pte_sha256="earlier")
+    (out / "manifest.json").write_text(json.dumps(man))
     (out / "ptq-work").mkdir()
     (out / "ptq-work" / "state.json").write_text('{"step": 3}')
     (out / "notes.txt").write_text("mine")
@@ -174,13 +179,13 @@ def test_failed_export_into_a_new_directory_leaves_nothing(point, quick_lower, t
 def test_reexport_replaces_the_outputs_and_keeps_the_rest(quick_lower, previous_export, tiny_hf, tmp_path):
     (previous_export / "tokenizer.model").write_bytes(b"from an older export")
     man = json.loads((previous_export / "manifest.json").read_text())
-    man.update(tokenizer="tokenizer.model", tokenizer_files=["tokenizer.model"], pte_sha256="stale")
+    man.update(tokenizer="tokenizer.model", tokenizer_files=["tokenizer.model"])
     (previous_export / "manifest.json").write_text(json.dumps(man))
     res = export(tiny_hf, previous_export, "ptq", max_seq_len=256, eval_method=True)
     names = sorted(p.name for p in previous_export.iterdir())
     assert names == ["manifest.json", "model.pte", "notes.txt", "ptq-work", "tokenizer.json", "tokenizer_config.json"]
     assert res.pte.read_bytes() == quick_lower
-    assert res.manifest["pte_sha256"] == json.loads((previous_export / "manifest.json").read_text())["pte_sha256"] != "stale"
+    assert res.manifest["pte_sha256"] == json.loads((previous_export / "manifest.json").read_text())["pte_sha256"] != "earlier"
     assert (previous_export / "ptq-work" / "state.json").read_text() == '{"step": 3}'
     assert (previous_export / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp directory beside it
@@ -263,3 +268,24 @@ def test_failed_gguf_import_leaves_the_previous_import_untouched(smollm2_gguf, t
     with pytest.raises(exc):
         gguf_import.import_gguf(smollm2_gguf, out)
     assert tree(tmp_path) == before
+
+
+def test_ctrl_c_during_the_swap_waits_for_it(quick_lower, previous_export, tiny_hf, tmp_path, monkeypatch):
+    """A real SIGINT arriving while the directories are swapped: the swap and its cleanup finish, then
+    the KeyboardInterrupt comes; the new export is whole and no temp directory is left."""
+    import signal
+
+    import exporter.atomic as atomic
+
+    real = atomic._exchange
+
+    def interrupted_exchange(a, b):
+        os.kill(os.getpid(), signal.SIGINT)
+        real(a, b)
+    monkeypatch.setattr(atomic, "_exchange", interrupted_exchange)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_hf, previous_export, "ptq", max_seq_len=256, eval_method=True)
+    assert (previous_export / "model.pte").read_bytes() == quick_lower
+    man = json.loads((previous_export / "manifest.json").read_text())
+    assert man["pte_bytes"] == len(quick_lower) and (previous_export / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
