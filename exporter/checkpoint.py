@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from exporter.config import ModelConfig, from_hf_config, from_meta_params, read_json
+from exporter.config import ModelConfig, from_hf_config, from_meta_params, hf_special_ids, read_json
 from exporter.errors import PtekitError
 from exporter.model import Transformer
 
@@ -155,11 +155,13 @@ def _load_hf(d: Path) -> Checkpoint:
 
     raw_cfg = read_json(d / "config.json")
     cfg = from_hf_config(raw_cfg, source=str(d / "config.json"))
+    extra = hf_special_ids(raw_cfg, str(d / "config.json"), cfg.vocab_size)
     index = d / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not weight_map:
-            raise PtekitError(f"{index}: no weight_map; re-download the checkpoint's index file")
+        idx = read_json(index)
+        weight_map = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+            raise PtekitError(f"{index}: no weight_map of tensor names to file names; re-download the checkpoint's index file")
         files = sorted({d / f for f in weight_map.values()})
     else:
         files = sorted(d.glob("*.safetensors"))
@@ -190,7 +192,6 @@ def _load_hf(d: Path) -> Checkpoint:
             t = permute_hf_to_meta(t, heads)
         sd[meta] = t
     tok = next((d / n for n in ("tokenizer.json", "tokenizer.model") if (d / n).exists()), None)
-    extra = {k: raw_cfg[k] for k in ("bos_token_id", "eos_token_id") if k in raw_cfg}
     return Checkpoint(cfg, sd, tok, files, "hf", extra)
 
 

@@ -221,6 +221,22 @@ def from_hf_config(cfg: dict, source: str = "config.json") -> ModelConfig:
     )
 
 
+def hf_special_ids(cfg: dict, source: str, vocab_size: int) -> dict:
+    """bos_token_id and eos_token_id from a config.json (eos may be a list, as in Llama 3's), checked to
+    be token ids of the vocabulary; eos_token_id always comes back as a list."""
+    r = ConfigReader(cfg, source, "a Hugging Face Llama config.json")
+    out = {}
+    for key in ("bos_token_id", "eos_token_id"):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        ids = v if isinstance(v, list) and key == "eos_token_id" else [v]
+        if not ids or not all(_is_int(i) and 0 <= i < vocab_size for i in ids):
+            raise r.bad(key, f"is not a token id below the vocab_size {vocab_size}")
+        out[key] = ids if key == "eos_token_id" else v
+    return out
+
+
 def to_hf_config(c: ModelConfig, bos_id: int | None = None, eos_id: int | None = None) -> dict:
     cfg = {
         "architectures": ["LlamaForCausalLM"],

@@ -244,3 +244,28 @@ def test_cli_answers_a_malformed_config_with_one_line(hf_dir, tmp_path, layout, 
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output directory, no temp files
 
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"eos_token_id": "2"}, "eos_token_id = '2' is not a token id below the vocab_size 49152"),
+    ({"eos_token_id": [2, -1]}, "eos_token_id = [2, -1] is not a token id"),
+    ({"eos_token_id": []}, "eos_token_id = [] is not a token id"),
+    ({"bos_token_id": 49152}, "bos_token_id = 49152 is not a token id below the vocab_size 49152"),
+    ({"bos_token_id": [1]}, "bos_token_id = [1] is not a token id"),
+])
+def test_special_token_ids_are_checked(hf_dir, changes, message):
+    base = json.loads((hf_dir / "config.json").read_text())
+    write_hf(hf_dir, base, changes)
+    assert message in one_line_error(lambda: load_checkpoint(hf_dir))
+
+
+def test_eos_list_as_in_llama3_is_accepted(hf_dir):
+    base = json.loads((hf_dir / "config.json").read_text())
+    write_hf(hf_dir, base, {"eos_token_id": [2, 0]})
+    assert load_checkpoint(hf_dir).extra == {"bos_token_id": 1, "eos_token_id": [2, 0]}
+
+
+@pytest.mark.parametrize("index", [b"[]", b'{"weight_map": []}', b'{"weight_map": {"a": 3}}', b"{}"])
+def test_malformed_safetensors_index(hf_dir, index):
+    (hf_dir / "model.safetensors.index.json").write_bytes(index)
+    assert "model.safetensors.index.json: no weight_map" in one_line_error(lambda: load_checkpoint(hf_dir))
