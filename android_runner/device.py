@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import shutil
@@ -21,6 +22,8 @@ from pathlib import Path
 from exporter.errors import PtekitError
 
 REMOTE_DIR = "/data/local/tmp/ptekit"
+EXIT_MARKER = "__ptekit_exit_status="
+_EXIT_LINE = re.compile(re.escape(EXIT_MARKER) + r"(\d+)\r?\n?$")
 RECONNECT_WAIT_S = 10.0
 
 
@@ -127,32 +130,71 @@ def find_adb() -> str:
     return found
 
 
-def parse_devices(text: str) -> dict[str, str]:
-    """`adb devices` -> {serial: state}."""
+# `adb devices -l` appends these key:value fields after the state.
+_LONG_FIELDS = re.compile(r"\s+((?:usb|product|model|device|transport_id|features):\S*)$")
+
+
+def parse_devices(text: str) -> dict[str, dict]:
+    """`adb devices` or `adb devices -l` -> {serial: {"state": ..., and -l's usb/product/model/device/
+    transport_id}}. The state is all the text after the serial (minus -l's fields): adb's
+    "no permissions (...)" holds spaces and adb's own reason."""
     out = {}
     for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith(("List of devices", "*")):
+        if not line or line.startswith(("List of devices", "*", "adb server", "adb:")):
             continue
-        parts = line.split()
-        if len(parts) >= 2:
-            out[parts[0]] = parts[1]
+        serial, _, rest = line.partition("\t") if "\t" in line else line.partition(" ")
+        rest, fields = rest.strip(), {}
+        while m := _LONG_FIELDS.search(" " + rest):
+            key, _, value = m.group(1).partition(":")
+            fields[key] = value
+            rest = (" " + rest)[: m.start()].strip()
+        if serial and rest:
+            out[serial.strip()] = {"state": rest, **fields}
     return out
 
 
+def state_kind(state: str) -> str:
+    """The state's name without adb's explanation: 'no permissions (user in plugdev ...)' -> 'no permissions'."""
+    return "no permissions" if state.startswith("no permissions") else state.split(" ", 1)[0]
+
+
+def _remedies(serial: str, state: str) -> dict[str, str]:
+    m = re.match(r"no permissions \((.*?)\)", state)  # adb's guess at the cause, in parentheses
+    reason = m.group(1) if m else "adb gave no reason"
+    reboot = f"reboot it into Android (`adb -s {serial} reboot`) with USB debugging on, then re-run"
+    return {
+        "unauthorized": f"device {serial} is unauthorized: unlock the phone and accept the 'Allow USB debugging?' "
+                        "prompt, then re-run",
+        "authorizing": f"device {serial} is still authorizing this computer's key: unlock the phone, accept the "
+                       "'Allow USB debugging?' prompt if it shows, wait a few seconds and re-run",
+        "offline": f"device {serial} is offline: unplug and replug it (or run `adb reconnect`), then re-run",
+        "connecting": f"device {serial} is still connecting: wait a few seconds and re-run; if it stays so, "
+                      "unplug and replug it",
+        "no permissions": f"device {serial} has no permissions: this user may not open its USB device (adb: {reason}); "
+                          "add a udev rule for the phone's vendor id (developer.android.com/studio/run/device), "
+                          "replug it and re-run",
+        "recovery": f"device {serial} is in recovery mode: {reboot}",
+        "rescue": f"device {serial} is in rescue mode: {reboot}",
+        "sideload": f"device {serial} is in sideload mode (waiting for an update package): finish or cancel the "
+                    f"sideload, {reboot}",
+        "bootloader": f"device {serial} is in the bootloader: reboot it into Android (`fastboot reboot`) with USB "
+                      "debugging on, then re-run",
+        "host": f"{serial} is an adb host, not a phone (state 'host'): choose a phone's serial with --device",
+        "detached": f"device {serial} is detached from adb: run `adb -s {serial} attach`, then re-run",
+    }
+
+
 def state_problem(serial: str, state: str | None, attached: dict[str, str]) -> str | None:
-    """A one-line reason why this device cannot be used, or None when it can."""
-    others = ", ".join(f"{s} ({st})" for s, st in attached.items()) or "none"
+    """A one-line reason why this device cannot be used and what to do, or None when it can."""
+    others = ", ".join(f"{s} ({state_kind(st)})" for s, st in attached.items()) or "none"
     if state is None:
         return f"device {serial} not found (attached: {others}); check the serial in `adb devices`"
-    if state == "unauthorized":
-        return (f"device {serial} is unauthorized: unlock the phone and accept the 'Allow USB debugging?' prompt, "
-                "then re-run")
-    if state == "offline":
-        return f"device {serial} is offline: unplug and replug it (or run `adb reconnect`), then re-run"
-    if state != "device":
-        return f"device {serial} is in state '{state}', not 'device'; boot it normally with USB debugging on"
-    return None
+    kind = state_kind(state)
+    if kind == "device":
+        return None
+    return _remedies(serial, state).get(kind) or (
+        f"device {serial} is in state '{state}', not 'device'; boot it normally with USB debugging on")
 
 
 class AdbDevice(Device):
@@ -168,6 +210,7 @@ class AdbDevice(Device):
         self.reconnect_wait_s = reconnect_wait_s
         self.lost = False
         self.touched = False  # whether anything may have been written to the device
+        self.attached: dict[str, dict] = {}  # the last `adb devices -l`
 
     @property
     def name(self) -> str:
@@ -181,10 +224,12 @@ class AdbDevice(Device):
             raise PtekitError(f"{self.adb}: cannot run adb; reinstall platform-tools or set ADB=/path/to/adb") from None
 
     def devices(self) -> dict[str, str]:
-        p = self._run(["devices"], serial=False)
+        """{serial: state} from `adb devices -l`; the long listing's fields go to self.attached."""
+        p = self._run(["devices", "-l"], serial=False)
         if p.returncode != 0:
             raise PtekitError(f"`adb devices` failed ({_last_line(p)}); try `adb kill-server` and re-run")
-        return parse_devices(p.stdout)
+        self.attached = parse_devices(p.stdout)
+        return {serial: d["state"] for serial, d in self.attached.items()}
 
     def open(self) -> None:
         attached = self.devices()
@@ -193,7 +238,9 @@ class AdbDevice(Device):
                 raise PtekitError("no Android device attached (`adb devices` lists none): connect the phone over USB "
                                   "with USB debugging on (Settings > Developer options), or use --device local")
             if len(attached) > 1:
-                raise PtekitError(f"several devices attached ({', '.join(attached)}): choose one with --device SERIAL")
+                named = ", ".join(s + (f" ({self.attached[s]['model']})" if self.attached[s].get("model") else "")
+                                  for s in attached)
+                raise PtekitError(f"several devices attached ({named}): choose one with --device SERIAL")
             self.serial = next(iter(attached))
         problem = state_problem(self.serial, attached.get(self.serial), attached)
         if problem:
@@ -215,7 +262,7 @@ class AdbDevice(Device):
         if state is None:
             self.lost = True
             return PtekitError(f"device {self.serial} disconnected during {what}: reconnect it and re-run")
-        if state != "device":
+        if state_kind(state) != "device":
             self.lost = True
             return PtekitError(f"during {what}: " + state_problem(self.serial, state, attached))
         if "No space left on device" in text:
@@ -237,21 +284,35 @@ class AdbDevice(Device):
             raise self._why_failed(what, p)
         return dest
 
+    def _shell(self, argv: list, timeout: float | None) -> tuple[subprocess.CompletedProcess, int | None]:
+        """Runs argv in the device's sh; returns adb's result (the marker taken out of its stdout) and
+        the command's exit status as the command line itself printed it, None when it printed none.
+
+        Devices before Android 7 (no shell_v2) make `adb shell` return 0 whatever the command did,
+        so the status adb returns is not trusted for the command, only the one printed after it."""
+        line = f"{shell_join(argv)}; printf '%s%s\\n' {EXIT_MARKER} \"$?\""
+        p = self._run(["shell", line], timeout=timeout)
+        m = _EXIT_LINE.search(p.stdout or "")
+        if m is None:
+            return p, None
+        p.stdout = p.stdout[: m.start()]
+        return p, int(m.group(1))
+
     def shell(self, argv: list, timeout: float | None = None, what: str = "a command") -> ShellResult:
         try:
-            p = self._run(["shell", shell_join(argv)], timeout=timeout)
+            p, rc = self._shell(argv, timeout)
         except subprocess.TimeoutExpired:
             err = self._why_failed(what, subprocess.CompletedProcess([], 1, "", ""))
             if self.lost:
                 raise err from None
             raise PtekitError(f"{what} did not finish within {timeout:.0f} s on {self.serial}; raise --timeout") from None
-        # adb itself failing (device gone) and the remote command failing both give a non-zero
-        # status; only the first is decided here, by asking adb about the device.
-        if p.returncode != 0:
-            attached = self._quiet_devices()
-            if attached.get(self.serial) != "device":
+        if rc is None:
+            # The command line did not get to print its status: adb lost the device, or the remote
+            # shell was killed. Asking adb about the device tells the two apart.
+            if self._quiet_devices().get(self.serial) != "device":
                 raise self._why_failed(what, p)
-        return ShellResult(p.returncode, p.stdout, p.stderr)
+            rc = p.returncode or 255  # an old device's adb said 0, but the shell died before the end
+        return ShellResult(rc, p.stdout, p.stderr)
 
     def _quiet_devices(self) -> dict[str, str]:
         try:
@@ -279,10 +340,10 @@ class AdbDevice(Device):
                         f"{self.reconnect_wait_s:.0f} s); the next `ptekit bench` removes it")
             self.lost = False
         try:
-            p = self._run(["shell", shell_join(["rm", "-rf", self.workdir])], timeout=60)
+            p, rc = self._shell(["rm", "-rf", self.workdir], timeout=60)
         except subprocess.TimeoutExpired:
             return f"removing {self.workdir} on {self.serial} timed out; the next `ptekit bench` removes it"
-        if p.returncode != 0:
+        if rc != 0:
             return f"could not remove {self.workdir} on {self.serial} ({_last_line(p)}); the next `ptekit bench` removes it"
         self.touched = False
         return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exporter.atomic import write_text
+from exporter.atomic import write_files
 
 COLUMNS = ("Model", "Decode (tokens/sec)", "Time-to-first-token (sec)", "Prefill (tokens/sec)",
            "Model size (PTE file size in MiB)", "Memory size (RSS in MiB)")
@@ -118,7 +118,10 @@ def markdown(results: list[dict]) -> str:
 
 
 def write(results: list[dict], json_path: Path | None, markdown_path: Path | None) -> None:
+    """The JSON and the table together: neither is replaced unless both can be."""
+    files = {}
     if json_path:
-        write_text(Path(json_path), to_json(results))
+        files[Path(json_path)] = to_json(results)
     if markdown_path:
-        write_text(Path(markdown_path), markdown(results))
+        files[Path(markdown_path)] = markdown(results)
+    write_files(files)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from exporter.config import ModelConfig, from_hf_config, from_meta_params, read_json
+from exporter.config import ModelConfig, from_hf_config, from_meta_params, hf_special_ids, read_json
 from exporter.errors import PtekitError
 from exporter.model import Transformer
 
@@ -155,11 +155,13 @@ def _load_hf(d: Path) -> Checkpoint:
 
     raw_cfg = read_json(d / "config.json")
     cfg = from_hf_config(raw_cfg, source=str(d / "config.json"))
+    extra = hf_special_ids(raw_cfg, str(d / "config.json"), cfg.vocab_size)
     index = d / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not weight_map:
-            raise PtekitError(f"{index}: no weight_map; re-download the checkpoint's index file")
+        idx = read_json(index)
+        weight_map = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+            raise PtekitError(f"{index}: no weight_map of tensor names to file names; re-download the checkpoint's index file")
         files = sorted({d / f for f in weight_map.values()})
     else:
         files = sorted(d.glob("*.safetensors"))
@@ -180,13 +182,16 @@ def _load_hf(d: Path) -> Checkpoint:
         meta = hf_to_meta_name(name)
         if meta is None:
             raise PtekitError(f"{d}: unexpected tensor {name!r}; is this a plain LlamaForCausalLM checkpoint?")
-        if meta.endswith("attention.wq.weight"):
-            t = permute_hf_to_meta(t, cfg.n_heads)
-        elif meta.endswith("attention.wk.weight"):
-            t = permute_hf_to_meta(t, cfg.n_kv_heads)
+        if meta.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = cfg.n_heads if meta.endswith("wq.weight") else cfg.n_kv_heads
+            if tuple(t.shape) != (heads * cfg.head_dim, cfg.dim):
+                # Checked here, before the RoPE permutation reshapes it by the config's head count.
+                raise PtekitError(
+                    f"{d}: weights and config disagree: {name} has shape {tuple(t.shape)}, the config implies "
+                    f"{(heads * cfg.head_dim, cfg.dim)}; check that config and weights come from the same model")
+            t = permute_hf_to_meta(t, heads)
         sd[meta] = t
     tok = next((d / n for n in ("tokenizer.json", "tokenizer.model") if (d / n).exists()), None)
-    extra = {k: raw_cfg[k] for k in ("bos_token_id", "eos_token_id") if k in raw_cfg}
     return Checkpoint(cfg, sd, tok, files, "hf", extra)
 
 

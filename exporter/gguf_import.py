@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from exporter.atomic import atomic_dir
 from exporter.checkpoint import meta_to_hf_name, permute_meta_to_hf
-from exporter.config import ModelConfig, to_hf_config
+from exporter.config import SIZE, NUMBER, ConfigReader, ModelConfig, build_config, to_hf_config
 from exporter.errors import PtekitError
 
 _GGUF_TO_META = {
@@ -64,21 +64,26 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     if arch != "llama":
         raise PtekitError(f"{path}: GGUF architecture is {arch!r}; ptekit imports 'llama' GGUFs only")
     p = "llama."
-    n_heads = int(_field(reader, p + "attention.head_count"))
-    dim = int(_field(reader, p + "embedding_length"))
-    vocab = _field(reader, p + "vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    keys = ("attention.head_count", "embedding_length", "block_count", "attention.head_count_kv", "vocab_size",
+            "feed_forward_length", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count")
+    r = ConfigReader({p + k: _field(reader, p + k) for k in keys}, str(path), "a llama GGUF",
+                     "the file is damaged or not a llama model; re-download it")
+    n_heads = r.get(p + "attention.head_count", SIZE, required=True)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}
-    return ModelConfig(
-        dim=dim,
-        n_layers=int(_field(reader, p + "block_count")),
+    return build_config(
+        r, {"dim": p + "embedding_length", "n_heads": p + "attention.head_count",
+            "n_kv_heads": p + "attention.head_count_kv", "head_dim": p + "rope.dimension_count"},
+        dim=r.get(p + "embedding_length", SIZE, required=True),
+        n_layers=r.get(p + "block_count", SIZE, required=True),
         n_heads=n_heads,
-        n_kv_heads=int(_field(reader, p + "attention.head_count_kv", n_heads)),
-        vocab_size=int(vocab),
-        hidden_dim=int(_field(reader, p + "feed_forward_length")),
-        norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        n_kv_heads=r.get(p + "attention.head_count_kv", SIZE, n_heads),
+        vocab_size=r.get(p + "vocab_size", SIZE, len(tokens.data) if tokens is not None else None, required=tokens is None),
+        hidden_dim=r.get(p + "feed_forward_length", SIZE, required=True),
+        norm_eps=float(r.get(p + "attention.layer_norm_rms_epsilon", NUMBER, 1e-5)),
+        rope_theta=float(r.get(p + "rope.freq_base", NUMBER, 10000.0)),
         tie_embeddings="output.weight" not in names,
-        head_dim=int(_field(reader, p + "rope.dimension_count", dim // n_heads)),
+        head_dim=r.get(p + "rope.dimension_count", SIZE),
     )
 
 

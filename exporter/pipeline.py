@@ -5,6 +5,7 @@ The one place where the steps meet; the CLI calls it, and so do the benchmarks.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Callable
 import torch
 
 from exporter import manifest
-from exporter.atomic import atomic_path, ensure_writable_dir
+from exporter.atomic import atomic_dir, ensure_writable_dir
 from exporter.checkpoint import Checkpoint, build_model, load_checkpoint
 from exporter.defaults import resolve_checkpoint_arg
 from exporter.errors import PtekitError
@@ -50,6 +51,8 @@ class ExportResult:
 def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[Tokenizer | None], MethodInputs],
                     max_seq_len: int, stage=lambda name: None):
     """Loads the checkpoint and applies the method: (Checkpoint, tokenizer, quantized model)."""
+    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise PtekitError(f"--max-seq-len {max_seq_len}: the KV cache needs at least 2 positions (prompt + one token)")
     table = method_table()
     if method not in table:
         raise PtekitError(f"unknown method {method!r}; choose one of {', '.join(table)}")
@@ -76,7 +79,8 @@ class _null:
 def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int = 2048, eval_method: bool = False,
            calibration: Path | None = None, device: str = "auto", steps: int | None = None, options: dict | None = None,
            stage=lambda name: None, progress: bool = False) -> ExportResult:
-    out_dir = ensure_writable_dir(Path(out_dir))
+    # Not created yet: the directory appears at the end, whole, with every file in it.
+    out_dir = ensure_writable_dir(Path(out_dir), create=False)
     seconds = {}
     t0 = time.perf_counter()
 
@@ -89,41 +93,60 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
 
     stage("lower to XNNPACK")
     t1 = time.perf_counter()
-    eos = tuple(tok.eos_ids) or tuple(filter(None, [ckpt.extra.get("eos_token_id")]))
+    eos = tuple(tok.eos_ids) or tuple(ckpt.extra.get("eos_token_id", []))
     opts = LowerOptions(max_seq_len=max_seq_len, bos_id=tok.bos_id, eos_ids=eos, eval_method=eval_method,
                         progress=progress)
     pte_bytes, delegation = lower(model, opts)
     seconds["lower"] = round(time.perf_counter() - t1, 2)
 
     stage("write outputs")
-    pte = out_dir / PTE_NAME
-    with atomic_path(pte) as tmp:
-        tmp.write_bytes(pte_bytes)
-    tok_files = _copy_tokenizer(ckpt, out_dir)
-    seconds["total"] = round(time.perf_counter() - t0, 2)
-    record = {
-        "format": "ptekit-manifest/1",
-        "pte": PTE_NAME,
-        "pte_bytes": len(pte_bytes),
-        "pte_sha256": manifest.file_sha256(pte),
-        "tokenizer": tok_files[0],
-        "tokenizer_files": tok_files,
-        "method": method,
-        "scheme": _scheme_record(method),
-        "source": {
-            "path": str(resolve_checkpoint_arg(str(checkpoint))),
-            "layout": ckpt.layout,
-            "sha256": ckpt.sha256(),
-        },
-        "model": {**ckpt.config.to_dict(), "max_seq_len": max_seq_len,
-                  "parameters": sum(t.numel() for t in ckpt.state_dict.values())},
-        "lowering": {"backend": "XNNPACK", "methods": ["forward"] + (["forward_all_logits"] if eval_method else []),
-                     **delegation, "bos_id": opts.bos_id, "eos_ids": list(opts.eos_ids)},
-        "seconds": seconds,
-        "tools": manifest.tool_versions(),
-    }
-    manifest.write_manifest(out_dir, record)
-    return ExportResult(out_dir, pte, record, seconds)
+    tok_names = _tokenizer_names(ckpt)
+    replaced = _export_file_names(out_dir) | {PTE_NAME, manifest.MANIFEST, *tok_names}
+    # Staged beside out_dir and swapped in whole: the .pte, the tokenizer and the manifest appear
+    # together or not at all, and until then a previous export there stays as it was. What else
+    # is in out_dir (a method's resume state, the user's own files) is kept.
+    with atomic_dir(out_dir, keep=lambda name: name not in replaced) as stage_dir:
+        _write_pte(stage_dir / PTE_NAME, pte_bytes)
+        _copy_tokenizer(ckpt, tok_names, stage_dir)
+        seconds["total"] = round(time.perf_counter() - t0, 2)
+        record = {
+            "format": "ptekit-manifest/1",
+            "pte": PTE_NAME,
+            "pte_bytes": len(pte_bytes),
+            "pte_sha256": hashlib.sha256(pte_bytes).hexdigest(),
+            "tokenizer": tok_names[0],
+            "tokenizer_files": tok_names,
+            "method": method,
+            "scheme": _scheme_record(method),
+            "source": {
+                "path": str(resolve_checkpoint_arg(str(checkpoint))),
+                "layout": ckpt.layout,
+                "sha256": ckpt.sha256(),
+            },
+            "model": {**ckpt.config.to_dict(), "max_seq_len": max_seq_len,
+                      "parameters": sum(t.numel() for t in ckpt.state_dict.values())},
+            "lowering": {"backend": "XNNPACK", "methods": ["forward"] + (["forward_all_logits"] if eval_method else []),
+                         **delegation, "bos_id": opts.bos_id, "eos_ids": list(opts.eos_ids)},
+            "seconds": seconds,
+            "tools": manifest.tool_versions(),
+        }
+        manifest.write_manifest(stage_dir, record)
+    return ExportResult(out_dir, out_dir / PTE_NAME, record, seconds)
+
+
+def _export_file_names(out_dir: Path) -> set[str]:
+    """The files a previous export in out_dir wrote (its manifest says), which a new one replaces."""
+    try:
+        old = manifest.read_manifest(out_dir) or {}
+    except (OSError, ValueError):
+        return set()
+    names = [old.get("pte"), *(old.get("tokenizer_files") or [old.get("tokenizer")])]
+    return {n for n in names if isinstance(n, str) and n and "/" not in n}
+
+
+def _write_pte(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def _scheme_record(method: str) -> dict:
@@ -132,13 +155,15 @@ def _scheme_record(method: str) -> dict:
     return {"name": "bf16 (unquantized)"} if method == "bf16" else {"name": "8da4w-g32 + int8 classifier + int8 embedding", **scheme.DESCRIPTION}
 
 
-def _copy_tokenizer(ckpt: Checkpoint, out_dir: Path) -> list[str]:
+def _tokenizer_names(ckpt: Checkpoint) -> list[str]:
+    """The tokenizer file, and tokenizer_config.json (chat template, special tokens) beside a tokenizer.json."""
     src = ckpt.tokenizer_path
     names = [src.name]
-    cfg = src.with_name("tokenizer_config.json")
-    if src.suffix == ".json" and cfg.exists():
-        names.append(cfg.name)
-    for name in names:
-        with atomic_path(out_dir / name) as tmp:
-            shutil.copyfile(src.with_name(name), tmp)
+    if src.suffix == ".json" and src.with_name("tokenizer_config.json").exists():
+        names.append("tokenizer_config.json")
     return names
+
+
+def _copy_tokenizer(ckpt: Checkpoint, names: list[str], out_dir: Path) -> None:
+    for name in names:
+        shutil.copyfile(ckpt.tokenizer_path.with_name(name), out_dir / name)

@@ -1,7 +1,9 @@
-"""Fixtures that build real artefacts once per source version and keep them in a cache.
+"""Fixtures that build real artefacts once and keep them in a cache.
 
-The cache lives in $PTEKIT_TEST_CACHE (default: <repo>/.cache/test-artifacts). Keys include a
-hash of exporter/ and quant/ so a code change rebuilds what it could have changed.
+The cache lives in $PTEKIT_TEST_CACHE (default: <repo>/.cache/test-artifacts). An entry's key
+hashes everything that shapes it: the sources of exporter/ and quant/, this file (the fixtures'
+configs), the arguments of its build, and the versions of the packages that make it; a change to
+any of them builds a new entry instead of reusing a stale one.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,23 +20,43 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("PTEKIT_TEST_CACHE", REPO / ".cache" / "test-artifacts"))
-os.environ.setdefault("PTEKIT_CACHE", str(CACHE / "ptekit-cache"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def code_hash() -> str:
+# The packages whose versions change what an export writes.
+KEY_PACKAGES = ("torch", "executorch", "torchao", "pytorch-tokenizers", "safetensors", "gguf", "numpy")
+
+
+def cache_key(*parts) -> str:
+    """A hash of the sources, this file, the package versions and parts (a build's own arguments)."""
+    from importlib import metadata
+
     h = hashlib.sha256()
-    for pkg in ("exporter", "quant"):
-        for f in sorted((REPO / pkg).rglob("*.py")):
-            h.update(f.read_bytes())
+    files = [Path(__file__).resolve()] + [f for pkg in ("exporter", "quant") for f in sorted((REPO / pkg).rglob("*.py"))]
+    for f in files:
+        h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    for pkg in KEY_PACKAGES:
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            version = "absent"
+        h.update(f"{pkg}={version}\0".encode())
+    h.update(repr(parts).encode())
     return h.hexdigest()[:12]
 
 
-def cached_dir(name: str, build) -> Path:
-    """CACHE/name-<code hash>, built by build(tmp_dir) if absent; atomic so a killed run leaves nothing."""
+# ptekit's own cache (the GGUF import behind the smollm2_hf fixture) is keyed the same way.
+os.environ.setdefault("PTEKIT_CACHE", str(CACHE / f"ptekit-cache-{cache_key()}"))
+
+
+def cached_dir(name: str, build, *key_parts) -> Path:
+    """CACHE/name-<cache key>, built by build(tmp_dir) if absent; atomic so a killed run leaves nothing.
+    key_parts: whatever else shapes the build (its arguments), in a stable repr. The calling file
+    is hashed too, since a test module's fixture configs (sizes, seeds) shape what it builds."""
     from exporter.atomic import atomic_dir
 
-    out = CACHE / f"{name}-{code_hash()}"
+    caller = Path(sys._getframe(1).f_code.co_filename)
+    out = CACHE / f"{name}-{cache_key(name, caller.name, hashlib.sha256(caller.read_bytes()).hexdigest(), *key_parts)}"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out) as tmp:
@@ -84,13 +107,13 @@ def write_tiny_hf(d: Path, smollm2_hf: Path, seed: int = 0, tie: bool = True, **
 
 @pytest.fixture(scope="session")
 def tiny_hf(smollm2_hf) -> Path:
-    return cached_dir("tiny-hf", lambda d: write_tiny_hf(d, smollm2_hf))
+    return cached_dir("tiny-hf", lambda d: write_tiny_hf(d, smollm2_hf), str(smollm2_hf), TINY_CONFIG)
 
 
 def exported(name: str, checkpoint: Path, method: str, **kw) -> Path:
     from exporter.pipeline import export
 
-    return cached_dir(name, lambda d: export(checkpoint, d, method, **kw)) / "model.pte"
+    return cached_dir(name, lambda d: export(checkpoint, d, method, **kw), str(checkpoint), method, sorted(kw.items())) / "model.pte"
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def test_adb_workdir_is_created_clean_and_removed(fake_adb, tmp_path):
     assert dev.close() is None
     assert not (fake_adb / REMOTE_DIR.lstrip("/")).exists()
     calls = [json.loads(line) for line in (tmp_path / "adb.log").read_text().splitlines()]
-    assert all(c[:2] == ["-s", "emulator-5554"] for c in calls if c != ["devices"])
+    assert all(c[:2] == ["-s", "emulator-5554"] for c in calls if c != ["devices", "-l"])
 
 
 def _open_error(**kw) -> str:
@@ -86,7 +86,7 @@ def test_device_selection_errors(fake_adb, monkeypatch):
     assert "no Android device attached" in _open_error()
     monkeypatch.setenv("FAKE_ADB_DEVICES", "R58M:device,emulator-5554:device")
     msg = _open_error()
-    assert "several devices attached (R58M, emulator-5554)" in msg and "--device SERIAL" in msg
+    assert "several devices attached (R58M (Fake_adb_device), emulator-5554 (Fake_adb_device))" in msg and "--device SERIAL" in msg
     assert "device nope not found" in _open_error(serial="nope")
     monkeypatch.setenv("FAKE_ADB_DEVICES", "R58M:unauthorized")
     assert "unauthorized" in _open_error() and "Allow USB debugging" in _open_error()
@@ -121,9 +121,55 @@ def test_cli_reports_a_device_problem_in_one_line(fake_adb, monkeypatch, smollm2
     assert "Traceback" not in p.stderr
 
 
+NO_PERMISSIONS = ("no permissions (user in plugdev group; are your udev rules wrong?); "
+                  "see [http://developer.android.com/tools/device.html]")
+
+
 def test_parse_devices():
-    text = "* daemon started successfully\nList of devices attached\nR58M\tdevice\nemu-1\toffline\n\n"
-    assert parse_devices(text) == {"R58M": "device", "emu-1": "offline"}
+    text = (f"* daemon started successfully\nList of devices attached\nR58M\tdevice\nemu-1\toffline\n"
+            f"0123ABC\t{NO_PERMISSIONS}\n\n")
+    assert parse_devices(text) == {"R58M": {"state": "device"}, "emu-1": {"state": "offline"},
+                                   "0123ABC": {"state": NO_PERMISSIONS}}
+    long = ("List of devices attached\n"
+            "R58M                   device usb:1-1 product:p3sxeea model:SM_G998B device:p3s transport_id:3\n"
+            f"0123ABC                {NO_PERMISSIONS} usb:1-2 transport_id:4\n"
+            "emulator-5554          sideload product:sdk model:sdk_phone device:emu64 transport_id:5\n\n")
+    assert parse_devices(long) == {
+        "R58M": {"state": "device", "usb": "1-1", "product": "p3sxeea", "model": "SM_G998B", "device": "p3s",
+                 "transport_id": "3"},
+        "0123ABC": {"state": NO_PERMISSIONS, "usb": "1-2", "transport_id": "4"},
+        "emulator-5554": {"state": "sideload", "product": "sdk", "model": "sdk_phone", "device": "emu64",
+                          "transport_id": "5"},
+    }
+
+
+# Each state adb reports, through the emulated adb's `adb devices -l`, and what the one line must say.
+STATE_MESSAGES = {
+    "unauthorized": "R58M is unauthorized: unlock the phone and accept the 'Allow USB debugging?' prompt",
+    "authorizing": "R58M is still authorizing this computer's key",
+    "offline": "R58M is offline: unplug and replug it (or run `adb reconnect`)",
+    "connecting": "R58M is still connecting: wait a few seconds and re-run",
+    "no permissions": "R58M has no permissions: this user may not open its USB device (adb: user in plugdev group; "
+                      "are your udev rules wrong?); add a udev rule",
+    "recovery": "R58M is in recovery mode: reboot it into Android (`adb -s R58M reboot`)",
+    "rescue": "R58M is in rescue mode: reboot it into Android",
+    "sideload": "R58M is in sideload mode (waiting for an update package): finish or cancel the sideload",
+    "bootloader": "R58M is in the bootloader: reboot it into Android (`fastboot reboot`)",
+    "host": "R58M is an adb host, not a phone (state 'host'): choose a phone's serial with --device",
+    "detached": "R58M is detached from adb: run `adb -s R58M attach`",
+    "weird": "R58M is in state 'weird', not 'device'",
+}
+
+
+@pytest.mark.parametrize("state", list(STATE_MESSAGES))
+def test_every_device_state_gets_its_own_remedy(fake_adb, monkeypatch, state):
+    monkeypatch.setenv("FAKE_ADB_DEVICES", f"R58M:{state}")
+    msg = _open_error()
+    assert STATE_MESSAGES[state] in msg and "\n" not in msg, msg
+    # Named explicitly among several, the same line.
+    monkeypatch.setenv("FAKE_ADB_DEVICES", f"emulator-5554:device,R58M:{state}")
+    assert STATE_MESSAGES[state] in _open_error(serial="R58M")
+    assert not (fake_adb.parent / "R58M").exists()  # nothing was sent to it
 
 
 def test_runner_flags_follow_gflags():
@@ -217,3 +263,128 @@ def test_model_card_table_relative_to_bf16():
                        "1,921 (-39.7%) |")
     alone = report.markdown_table([_result("ptq", "135M PTQ", 112, 56.0, 0.14, 447.6, 546, complete=False)])
     assert "135M PTQ (incomplete: 3 of 3 runs)" in alone and "x)" not in alone and "%)" not in alone
+
+
+# --- the emulated adb behaves like a real one where the harness depends on it ----------------------
+
+
+def adb(*args, **kw):
+    return subprocess.run([str(FAKE_ADB), *args], capture_output=True, text=True, **kw)
+
+
+def test_old_device_status_comes_from_the_exit_marker(fake_adb, monkeypatch):
+    """Before Android 7, `adb shell` exits 0 whatever the command did; the harness reads the status the
+    command line prints itself."""
+    monkeypatch.setenv("FAKE_ADB_OLD_SHELL", "1")
+    assert adb("shell", "exit 3").returncode == 0  # what such a device's adb answers
+    assert "shell_v2" not in adb("features").stdout
+    dev = AdbDevice()
+    dev.open()
+    try:
+        assert dev.shell(["sh", "-c", "exit 3"]).rc == 3
+        r = dev.shell(["printf", "[%s]", *NASTY])  # no newline at the end: the marker must not eat output
+        assert (r.rc, r.stdout) == (0, "".join(f"[{a}]" for a in NASTY))
+        assert dev.shell(["false"]).rc == 1
+    finally:
+        assert dev.close() is None
+    assert not (fake_adb / REMOTE_DIR.lstrip("/")).exists()
+
+
+def test_failed_push_leaves_no_partial_file(fake_adb, monkeypatch, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\1" * 3_000_000)
+    monkeypatch.setenv("FAKE_ADB_STORAGE_MB", "1")
+    dev = AdbDevice()
+    dev.open()
+    with pytest.raises(PtekitError, match="storage full during pushing big.bin"):
+        dev.push(big)
+    assert not (fake_adb / REMOTE_DIR.lstrip("/") / "big.bin").exists()  # before any cleanup of ours
+    assert dev.close() is None
+
+
+def _wait_for(path: Path, seconds: float = 10.0) -> bool:
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "timeout"])
+def test_killed_client_hangs_up_the_remote_command(fake_adb, how):
+    import signal
+
+    dev = AdbDevice()
+    dev.open()
+    argv = ["sh", "-c", 'trap "echo hup > $1; exit 129" HUP; sleep 60 & wait', "sh", dev.path("hup")]
+    marker = fake_adb / REMOTE_DIR.lstrip("/") / "hup"
+    if how == "SIGKILL":
+        p = subprocess.Popen([str(FAKE_ADB), "shell", " ".join(__import__("shlex").quote(a) for a in argv)])
+        try:
+            import time
+
+            time.sleep(1.0)
+            p.send_signal(signal.SIGKILL)
+        finally:
+            p.wait()
+    else:
+        with pytest.raises(PtekitError, match="did not finish within 1 s"):
+            dev.shell(argv, timeout=1, what="the trap")
+    assert _wait_for(marker), "the remote command got no SIGHUP"
+    assert marker.read_text() == "hup\n"
+    assert dev.close() is None
+
+
+def test_transport_id_selects_a_device(fake_adb, monkeypatch):
+    monkeypatch.setenv("FAKE_ADB_DEVICES", "R58M:device,emulator-5554:device")
+    assert adb("-t", "2", "shell", "getprop", "ro.product.model").stdout == "fake adb device emulator-5554\n"
+    assert adb("-t", "1", "shell", "getprop", "ro.product.model").stdout == "fake adb device R58M\n"
+    r = adb("-t", "9", "shell", "true")
+    assert r.returncode == 1 and "transport id '9' not found" in r.stderr
+    long = parse_devices(adb("devices", "-l").stdout)
+    assert long["R58M"]["transport_id"] == "1" and long["emulator-5554"]["model"] == "Fake_adb_device"
+
+
+def test_device_paths_are_mapped_but_not_text_inside_an_argument(fake_adb):
+    dev = AdbDevice()
+    dev.open()
+    try:
+        words = ["--prompt=files in /data/local stay", "see /data/ here", "'/data/x'"]
+        r = dev.shell(["printf", "%s\\n", *words])
+        assert r.stdout.splitlines() == words
+        # A path argument, alone or as a flag's value, is the device's.
+        (fake_adb / REMOTE_DIR.lstrip("/") / "f").write_text("on the device")
+        assert dev.shell(["cat", dev.path("f")]).stdout == "on the device"
+        assert dev.shell(["sh", "-c", 'cat "${1#--in=}"', "sh", f"--in={dev.path('f')}"]).stdout == "on the device"
+    finally:
+        assert dev.close() is None
+
+
+@pytest.mark.parametrize("state, message", [("no permissions", "insufficient permissions for device"),
+                                            ("connecting", "device still connecting"),
+                                            ("authorizing", "device still authorizing"),
+                                            ("sideload", "error: closed")])
+def test_commands_to_a_device_in_another_state_fail_as_adb_does(fake_adb, monkeypatch, state, message):
+    monkeypatch.setenv("FAKE_ADB_DEVICES", f"R58M:{state}")
+    r = adb("-s", "R58M", "shell", "true")
+    assert r.returncode == 1 and message in r.stderr
+
+
+def test_bench_results_are_written_together_or_not_at_all(tmp_path):
+    """The JSON and the table: when the second cannot be written, the first is not replaced either."""
+    r = _result("bf16", "1B BF16", 2358, 19.2, 1.0, 60.3, 3185)
+    for v in r["summary"].values():
+        v.update(min=v["median"], max=v["median"], n=3)
+    results = [{**r, "runs": []}]  # the table and the spread, without the notes on the runs' settings
+    old = tmp_path / "bench.json"
+    old.write_text("previous results")
+    with pytest.raises(PtekitError, match="missing/bench.md: cannot write it"):
+        report.write(results, old, tmp_path / "missing" / "bench.md")
+    assert old.read_text() == "previous results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no temp file either
+    report.write(results, old, tmp_path / "bench.md")
+    assert json.loads(old.read_text())["results"][0]["model"]["label"] == "1B BF16"
+    assert (tmp_path / "bench.md").read_text() == report.markdown(results)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from android_runner.bench import BenchFailure, BenchOptions, bench, check_runner_arch
+from android_runner.bench import BenchFailure, BenchOptions, bench, check_runner_arch, elf_machine
 from android_runner.device import REMOTE_DIR, AdbDevice, LocalDevice
 from exporter.errors import PtekitError
 
@@ -142,7 +142,8 @@ def test_device_gone_for_good(fake_adb, tiny_ptq_pte, monkeypatch):
         bench(tiny_ptq_pte, AdbDevice(reconnect_wait_s=1), "host", opts(), progress=False)
     msg = str(e.value)
     assert "disconnected during pushing model.pte" in msg and "may remain" in msg and "next `ptekit bench` removes" in msg
-    assert "model.pte" in left_on_device(fake_adb)
+    left = left_on_device(fake_adb)
+    assert left and "model.pte" not in left  # adbd removed the half-pushed .pte; the earlier files stay
     # Plugged back in: the next bench's first step removes what was left.
     monkeypatch.delenv("FAKE_ADB_VANISH_AFTER")
     (fake_adb.parent / ".fake_adb_state.json").unlink()
@@ -168,9 +169,17 @@ def test_timeout_stops_the_runner_on_the_device(fake_adb, tiny_ptq_pte):
 
 
 def test_runner_for_another_architecture_is_refused(tmp_path):
-    with pytest.raises(PtekitError, match="an x86_64 binary, but local is aarch64"):
-        check_runner_arch(Path(sys.executable).resolve(), {"machine": "aarch64"}, LocalDevice())
-    check_runner_arch(Path(sys.executable).resolve(), {"machine": "x86_64"}, LocalDevice())
+    binary = Path(sys.executable).resolve()
+    host = elf_machine(binary)  # whatever this machine is
+    other = "x86_64" if host == "aarch64" else "aarch64"
+    with pytest.raises(PtekitError, match=f"an {host} binary, but local is {other}"):
+        check_runner_arch(binary, {"machine": other}, LocalDevice())
+    check_runner_arch(binary, {"machine": host}, LocalDevice())
+    # Each ELF machine field the check knows, read from a header built here.
+    for code, name in ((0x3E, "x86_64"), (0xB7, "aarch64"), (0x28, "arm")):
+        elf = tmp_path / name
+        elf.write_bytes(b"\x7fELF" + b"\0" * 14 + code.to_bytes(2, "little") + b"\0" * 44)
+        assert elf_machine(elf) == name
 
 
 @pytest.mark.slow
@@ -180,4 +189,16 @@ def test_smollm2_through_emulated_adb(fake_adb, smollm2_ptq_pte):
     assert r["prompt_tokens"] == 64 and r["generated_tokens"] == 31 and r["decode_tok_s"] > 1
     assert res["model"]["label"] == "135M PTQ"
     assert r["peak_rss_mib"] > r["rss_before_model_load_mib"] + res["model"]["pte_mib"] / 2
+    assert left_on_device(fake_adb) == []
+
+
+def test_old_device_runner_crash_is_detected(fake_adb, tiny_ptq_pte, monkeypatch):
+    """A device before Android 7 answers every `adb shell` with status 0; the crash is still seen."""
+    monkeypatch.setenv("FAKE_ADB_OLD_SHELL", "1")
+    monkeypatch.setenv("FAKE_ADB_CRASH_RUN", "2")
+    with pytest.raises(BenchFailure) as e:
+        bench(tiny_ptq_pte, AdbDevice(), "host", opts(runs=2), progress=False)
+    assert "crashed on run 2 of 2" in str(e.value) and "killed by SIGSEGV" in str(e.value)
+    assert len(e.value.result["runs"]) == 1
+    check_run(e.value.result["runs"][0])
     assert left_on_device(fake_adb) == []

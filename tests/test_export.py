@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,37 +68,137 @@ def test_two_exports_are_byte_identical(tiny_hf, tiny_ptq_pte, tmp_path):
     assert again.pte.read_bytes() == tiny_ptq_pte.read_bytes()
 
 
-def test_interrupted_export_leaves_no_pte(tiny_hf, tmp_path, monkeypatch):
+class Boom(Exception):
+    pass
+
+
+def tree(root) -> dict:
+    """Every path under root -> its bytes (None for a directory): what a failed export must not change."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(Path(root).rglob("*"))}
+
+
+@pytest.fixture
+def quick_lower(tiny_ptq_pte, monkeypatch):
+    """lower() answers with the bytes the real lowering wrote for tiny_ptq_pte, so each injected failure
+    below costs a load and a quantization, not a lowering."""
     import exporter.pipeline as pipeline
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
+    data = tiny_ptq_pte.read_bytes()
+    delegation = {k: v for k, v in json.loads((tiny_ptq_pte.parent / "manifest.json").read_text())["lowering"].items()
+                  if k not in ("backend", "methods", "bos_id", "eos_ids")}
+    monkeypatch.setattr(pipeline, "lower", lambda model, opts: (data, delegation))
+    return data
 
-    monkeypatch.setattr(pipeline, "lower", interrupted)
+
+@pytest.fixture
+def previous_export(tiny_ptq_pte, tmp_path):
+    """out/ holding an earlier export, a method's resume state and a file of the user's."""
+    import shutil
+
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        export(tiny_hf, out, "ptq", max_seq_len=64)
-    assert list(out.iterdir()) == []
+    shutil.copytree(tiny_ptq_pte.parent, out)
+    # Its .pte differs from what the new export writes, so a test can tell which one is in place.
+    (out / "model.pte").write_bytes(b"an earlier export's .pte")
+    man = json.loads((out / "manifest.json").read_text())
+    man.update(pte_bytes=len(b"an earlier export's .pte"), pte_sha256="earlier")
+    (out / "manifest.json").write_text(json.dumps(man))
+    (out / "ptq-work").mkdir()
+    (out / "ptq-work" / "state.json").write_text('{"step": 3}')
+    (out / "notes.txt").write_text("mine")
+    return out
 
 
-def test_failed_write_leaves_no_pte(tiny_hf, tmp_path, monkeypatch):
+def inject(point, exc, monkeypatch):
+    """Makes the export fail at `point` with `exc`, after doing part of that step's writing; returns the
+    stage callback for export()."""
+    import exporter.atomic as atomic
     import exporter.pipeline as pipeline
 
-    real = pipeline.lower
-    monkeypatch.setattr(pipeline, "lower", lambda m, o: (real(m, o)[0][:100], {}))  # noqa: E731
+    def fail(*a, **k):
+        raise exc
 
-    class Boom(Exception):
-        pass
+    if point == "pte":
+        def half_pte(path, data):
+            path.write_bytes(data[: len(data) // 2])
+            raise exc
+        monkeypatch.setattr(pipeline, "_write_pte", half_pte)
+    elif point == "tokenizer":
+        def first_file_then_fail(ckpt, names, d):
+            (d / names[0]).write_bytes(ckpt.tokenizer_path.with_name(names[0]).read_bytes()[:1000])
+            raise exc
+        monkeypatch.setattr(pipeline, "_copy_tokenizer", first_file_then_fail)
+    elif point == "manifest":
+        def half_manifest(d, record):
+            (d / "manifest.json").write_text(json.dumps(record)[:50])
+            raise exc
+        monkeypatch.setattr(pipeline.manifest, "write_manifest", half_manifest)
+    elif point == "swap":
+        monkeypatch.setattr(atomic, "_exchange", fail)
+    elif point == "fallback-swap":
+        # Without RENAME_EXCHANGE: the old directory is moved aside, and the interruption comes
+        # before the new one is renamed into place.
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError(38, "ENOSYS")))
+        real_rename, calls = atomic.os.rename, []
 
-    def fail_manifest(*a, **k):
-        raise Boom
+        def rename(src, dst):
+            calls.append(src)
+            if len(calls) == 2:
+                raise exc
+            real_rename(src, dst)
+        monkeypatch.setattr(atomic.os, "rename", rename)
+    return (lambda name: fail() if name == "write outputs" else None) if point == "after lowering" else (lambda name: None)
 
-    monkeypatch.setattr(pipeline.manifest, "file_sha256", fail_manifest)
-    out = tmp_path / "out"
+
+POINTS = ["after lowering", "pte", "tokenizer", "manifest", "swap", "fallback-swap"]
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("point", POINTS)
+def test_failed_reexport_leaves_the_previous_directory_untouched(point, exc, quick_lower, previous_export, tiny_hf,
+                                                                 tmp_path, monkeypatch):
+    before = tree(tmp_path)
+    stage = inject(point, exc, monkeypatch)
+    with pytest.raises(exc):
+        export(tiny_hf, previous_export, "ptq", max_seq_len=256, eval_method=True, stage=stage)
+    assert tree(tmp_path) == before  # no new file, no temp file, the old export and its neighbours intact
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_failed_export_into_a_new_directory_leaves_nothing(point, quick_lower, tiny_hf, tmp_path, monkeypatch):
+    if point in ("swap", "fallback-swap"):
+        # A new directory is renamed into place, not swapped: that rename is the step to break.
+        monkeypatch.setattr("exporter.atomic.os.rename", lambda a, b: (_ for _ in ()).throw(Boom()))
+        stage = lambda name: None  # noqa: E731
+    else:
+        stage = inject(point, Boom, monkeypatch)
     with pytest.raises(Boom):
-        export(tiny_hf, out, "ptq", max_seq_len=64)
-    assert not (out / "manifest.json").exists()
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+        export(tiny_hf, tmp_path / "new" / "out", "ptq", max_seq_len=256, eval_method=True, stage=stage)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reexport_replaces_the_outputs_and_keeps_the_rest(quick_lower, previous_export, tiny_hf, tmp_path):
+    (previous_export / "tokenizer.model").write_bytes(b"from an older export")
+    man = json.loads((previous_export / "manifest.json").read_text())
+    man.update(tokenizer="tokenizer.model", tokenizer_files=["tokenizer.model"])
+    (previous_export / "manifest.json").write_text(json.dumps(man))
+    res = export(tiny_hf, previous_export, "ptq", max_seq_len=256, eval_method=True)
+    names = sorted(p.name for p in previous_export.iterdir())
+    assert names == ["manifest.json", "model.pte", "notes.txt", "ptq-work", "tokenizer.json", "tokenizer_config.json"]
+    assert res.pte.read_bytes() == quick_lower
+    assert res.manifest["pte_sha256"] == json.loads((previous_export / "manifest.json").read_text())["pte_sha256"] != "earlier"
+    assert (previous_export / "ptq-work" / "state.json").read_text() == '{"step": 3}'
+    assert (previous_export / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp directory beside it
+
+
+def test_reexport_without_rename_exchange(quick_lower, previous_export, tiny_hf, tmp_path, monkeypatch):
+    """Where the kernel or filesystem has no RENAME_EXCHANGE, two renames do the swap."""
+    import exporter.atomic as atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError(38, "ENOSYS")))
+    export(tiny_hf, previous_export, "ptq", max_seq_len=256, eval_method=True)
+    assert (previous_export / "notes.txt").exists() and (previous_export / "model.pte").read_bytes() == quick_lower
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_outputs_get_the_mode_a_plain_open_gives(tmp_path):
@@ -144,3 +245,47 @@ def test_cli_errors_are_one_line(args, message, tiny_hf, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("point", ["weights", "config"])
+def test_failed_gguf_import_leaves_the_previous_import_untouched(smollm2_gguf, tmp_path, monkeypatch, point, exc):
+    import safetensors.torch
+
+    import exporter.gguf_import as gguf_import
+
+    out = tmp_path / "hf"
+    gguf_import.import_gguf(smollm2_gguf, out)
+    (out / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    if point == "weights":
+        def half_written(sd, path, metadata=None):
+            Path(path).write_bytes(b"\0" * 1000)
+            raise exc
+        monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    else:  # the weights are written, the config is not
+        monkeypatch.setattr(gguf_import, "to_hf_config", lambda *a, **k: (_ for _ in ()).throw(exc()))
+    with pytest.raises(exc):
+        gguf_import.import_gguf(smollm2_gguf, out)
+    assert tree(tmp_path) == before
+
+
+def test_ctrl_c_during_the_swap_waits_for_it(quick_lower, previous_export, tiny_hf, tmp_path, monkeypatch):
+    """A real SIGINT arriving while the directories are swapped: the swap and its cleanup finish, then
+    the KeyboardInterrupt comes; the new export is whole and no temp directory is left."""
+    import signal
+
+    import exporter.atomic as atomic
+
+    real = atomic._exchange
+
+    def interrupted_exchange(a, b):
+        os.kill(os.getpid(), signal.SIGINT)
+        real(a, b)
+    monkeypatch.setattr(atomic, "_exchange", interrupted_exchange)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_hf, previous_export, "ptq", max_seq_len=256, eval_method=True)
+    assert (previous_export / "model.pte").read_bytes() == quick_lower
+    man = json.loads((previous_export / "manifest.json").read_text())
+    assert man["pte_bytes"] == len(quick_lower) and (previous_export / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
