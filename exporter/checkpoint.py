@@ -29,6 +29,11 @@ class Checkpoint:
     files: list[Path]  # what the weights were read from, for the manifest hash
     layout: str  # "meta" | "hf"
     extra: dict = field(default_factory=dict)  # bos/eos ids, chat template when the config has them
+    eos_ids: list[int] = field(default_factory=list)  # end tokens the checkpoint's configs declare
+
+    def stop_ids(self, tokenizer_eos_ids) -> tuple[int, ...]:
+        """Every id generation stops on: the configs' declared ids and the tokenizer's eos/eot."""
+        return tuple(sorted(set(self.eos_ids) | set(tokenizer_eos_ids)))
 
     def sha256(self) -> str:
         h = hashlib.sha256()
@@ -187,7 +192,24 @@ def _load_hf(d: Path) -> Checkpoint:
         sd[meta] = t
     tok = next((d / n for n in ("tokenizer.json", "tokenizer.model") if (d / n).exists()), None)
     extra = {k: raw_cfg[k] for k in ("bos_token_id", "eos_token_id") if k in raw_cfg}
-    return Checkpoint(cfg, sd, tok, files, "hf", extra)
+    return Checkpoint(cfg, sd, tok, files, "hf", extra, _declared_eos_ids(d, raw_cfg))
+
+
+def _declared_eos_ids(d: Path, raw_cfg: dict) -> list[int]:
+    """config.json's and generation_config.json's eos_token_id, each one id or a list: Llama 3.1 and
+    3.2 Instruct list 128001, 128008 (<|eom_id|>, after a tool call) and 128009 (<|eot_id|>)."""
+    sources = [(d / "config.json", raw_cfg)]
+    gen = d / "generation_config.json"
+    if gen.exists():
+        sources.append((gen, read_json(gen)))
+    ids = set()
+    for f, cfg in sources:
+        v = cfg.get("eos_token_id")
+        v = [] if v is None else v if isinstance(v, list) else [v]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise PtekitError(f"{f}: eos_token_id is {cfg['eos_token_id']!r}; expected a token id or a list of ids")
+        ids.update(v)
+    return sorted(ids)
 
 
 # --- state dict -> model -----------------------------------------------------------------------

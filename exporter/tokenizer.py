@@ -41,15 +41,18 @@ class Tokenizer:
             self.bos_id = self._token_id(cfg.get("bos_token"))
             eos = self._token_id(cfg.get("eos_token"))
             self.eos_ids = [eos] if eos is not None else []
-            self.add_bos = bool(cfg.get("add_bos_token", False))
+            # Llama 3's tokenizer.json adds <|begin_of_text|> in its post-processor and its
+            # tokenizer_config.json has no add_bos_token: what encoding "" yields says it.
+            self.add_bos = bool(cfg.get("add_bos_token", self.bos_id is not None and self._hf.encode("").ids == [self.bos_id]))
         else:
             self._cpp = pt.CppTiktoken()
             self._load_cpp()
             self._hf = None
             self.chat_template = LLAMA3_CHAT
             self.bos_id = self._cpp.bos_tok()
-            # <|end_of_text|> and <|eot_id|>: the instruct models end a turn with the latter.
-            self.eos_ids = [self._cpp.eos_tok(), self._encode_special("<|eot_id|>")]
+            # Meta's llama3 tokenizer's stop tokens: <|end_of_text|>, <|eom_id|> (the instruct models end
+            # a message with a tool call with it) and <|eot_id|> (the end of a turn).
+            self.eos_ids = [self._cpp.eos_tok(), self._encode_special("<|eom_id|>"), self._encode_special("<|eot_id|>")]
             self.add_bos = True
 
     def _load_cpp(self):
