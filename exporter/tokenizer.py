@@ -56,12 +56,15 @@ class Tokenizer:
             self.add_bos = True
 
     def _load_cpp(self):
+        # A tokenizer.model that is not tiktoken's is most often Llama 2's SentencePiece model.
+        hint = ("; ptekit reads Llama 3's tiktoken tokenizer.model, not a SentencePiece one (Llama 2, TinyLlama)"
+                if self.path.suffix != ".json" else "; is the file complete?")
         try:
             err = self._cpp.load(str(self.path))
         except Exception as e:
-            raise PtekitError(f"{self.path}: cannot load tokenizer ({e})") from None
+            raise PtekitError(f"{self.path}: cannot load tokenizer ({e}){hint}") from None
         if not self._cpp.is_loaded():
-            raise PtekitError(f"{self.path}: cannot load tokenizer ({err}); is the file complete?")
+            raise PtekitError(f"{self.path}: cannot load tokenizer ({err}){hint}")
 
     def _token_id(self, tok) -> int | None:
         if isinstance(tok, dict):

@@ -717,3 +717,15 @@ def test_runner_stops_on_each_end_token(chain_pte, capfd):
             assert obs["generated_tokens"] >= 6 and word * 6 in out, out
         else:
             assert obs["generated_tokens"] <= 2 and word in out and word * 2 not in out, out
+
+
+def test_sentencepiece_tokenizer_model_is_refused(tmp_path):
+    """Llama 2's tokenizer.model is a SentencePiece protobuf, not tiktoken's text file."""
+    from exporter.errors import PtekitError
+    from exporter.tokenizer import Tokenizer
+
+    sp = tmp_path / "tokenizer.model"
+    sp.write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\n\x0c\n\x03<s>")
+    with pytest.raises(PtekitError, match=r"tokenizer.model: cannot load tokenizer .*; ptekit reads Llama 3's tiktoken "
+                                          r"tokenizer.model, not a SentencePiece one \(Llama 2, TinyLlama\)"):
+        Tokenizer(sp)
