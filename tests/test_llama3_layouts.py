@@ -205,6 +205,7 @@ def write_gguf(path: Path, hf_dir: Path, qtype: str) -> None:
     inner = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    dequantized = {}  # HF name -> what gguf's dequantizer reads back (in the converter's row order)
     for k, v in load_file(hf_dir / "model.safetensors").items():
         if k in names:
             name = names[k]
@@ -225,10 +226,27 @@ def write_gguf(path: Path, hf_dir: Path, qtype: str) -> None:
             # gguf's dequantizer reads back what plain 6-bit rounding allows.
             assert np.abs(back - a).max() <= np.abs(a).max() / 31 + 1e-6, name
             w.add_tensor(name, blocks.reshape(a.shape[0], -1), raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+            dequantized[k] = back
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if dequantized:
+        save_reference_weights(path.with_name("dequantized.safetensors"), dequantized)
+
+
+def save_reference_weights(path: Path, dequantized: dict[str, np.ndarray]) -> None:
+    """The quantized tensors as gguf's dequantizer reads them, back in HF q/k row order (the inverse of
+    the converter's permute), for transformers; reading them back through GGUFReader costs ~10 s."""
+    from safetensors.torch import save_file
+
+    out = {}
+    for k, a in dequantized.items():
+        if "q_proj" in k or "k_proj" in k:
+            n = SHAPE["n_heads"] if "q_proj" in k else SHAPE["n_kv_heads"]
+            a = a.reshape(n, a.shape[0] // n // 2, 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
+        out[k] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    save_file(out, path)
 
 
 def write_meta(d: Path, hf_dir: Path) -> None:
@@ -297,31 +315,15 @@ def reference_logits(weights: dict[str, torch.Tensor], tokens: list[int], scaled
         return model(torch.tensor([tokens]), logits_to_keep=len(tokens) - PREFILL + 1).logits[0]
 
 
-def dequantized_gguf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The GGUF's weights as gguf's dequantizer reads them, back in HF names and HF q/k row order."""
-    import gguf
-    from gguf.quants import dequantize
+def reference_weights(layout: str, llama3_hf: Path, ckpt: Path) -> dict[str, torch.Tensor]:
+    """The weights transformers runs: the HF checkpoint's, with a quantized GGUF's tensors replaced by
+    what gguf's dequantizer reads from the file (norms stay as written)."""
+    from safetensors.torch import load_file
 
-    inner = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    out = {}
-    for t in gguf.GGUFReader(path).tensors:
-        a = dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)]).astype(np.float32)
-        if t.name == "rope_freqs.weight":
-            continue
-        if t.name == "token_embd.weight":
-            out["model.embed_tokens.weight"] = torch.from_numpy(a)
-        elif t.name == "output_norm.weight":
-            out["model.norm.weight"] = torch.from_numpy(a)
-        else:
-            _, i, kind, _ = t.name.split(".")
-            if kind in ("attn_q", "attn_k"):
-                n = SHAPE["n_heads"] if kind == "attn_q" else SHAPE["n_kv_heads"]
-                # The inverse of the converter's permute: interleaved pairs back to rotate-half.
-                a = a.reshape(n, a.shape[0] // n // 2, 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
-            out[f"model.layers.{i}.{inner[kind]}.weight"] = torch.from_numpy(np.ascontiguousarray(a))
-    return out
+    weights = load_file(llama3_hf / "model.safetensors")
+    if layout == "gguf-Q6_K":
+        weights |= load_file(ckpt.with_name("dequantized.safetensors"))
+    return weights
 
 
 @pytest.fixture(scope="session")
@@ -356,8 +358,9 @@ def layout_checkpoint(layout: str, request) -> Path:
     return request.getfixturevalue({"hf": "llama3_hf", "meta": "llama3_meta"}[layout])
 
 
-# Meta's layout and the F32 GGUF load to exactly the HF layout's model (test_layouts_load_to_the_same_model),
-# so their exports are in the slow suite; the HF export and the K-quant GGUF's run by default.
+# Meta's layout loads to exactly the HF layout's model (test_layouts_load_to_the_same_model; the F32
+# GGUF too, in the slow suite), so their exports are slow tests; the HF and K-quant GGUF exports run
+# by default.
 LAYOUTS = ["hf", pytest.param("meta", marks=pytest.mark.slow), pytest.param("gguf-F32", marks=pytest.mark.slow), "gguf-Q6_K"]
 
 
@@ -365,11 +368,9 @@ LAYOUTS = ["hf", pytest.param("meta", marks=pytest.mark.slow), pytest.param("ggu
 def test_bf16_pte_matches_transformers(layout, llama3_hf, llama3_gguf, prompt, request, capsys):
     """bf16 .pte vs transformers (float32, same weights) at positions 999..1047 of the prompt:
     within bf16 tolerance, and several times closer than to the same model without rope scaling."""
-    from safetensors.torch import load_file
-
     ckpt = layout_checkpoint(layout, request)
     pte = exported(f"llama3-{layout}-bf16", ckpt, "bf16", max_seq_len=MAX_SEQ)
-    weights = dequantized_gguf_weights(ckpt) if layout.startswith("gguf") else load_file(llama3_hf / "model.safetensors")
+    weights = reference_weights(layout, llama3_hf, ckpt)
     ours = pte_logits(pte, prompt)
     ref = reference_logits(weights, prompt, scaled=True)
     unscaled = reference_logits(weights, prompt, scaled=False)
@@ -387,7 +388,8 @@ def test_bf16_pte_matches_transformers(layout, llama3_hf, llama3_gguf, prompt, r
     assert PteModel(pte).meta("get_eos_ids") == EOS
 
 
-def test_layouts_load_to_the_same_model(llama3_hf, llama3_meta, llama3_gguf):
+@pytest.mark.parametrize("layout", ["meta", pytest.param("gguf-F32", marks=pytest.mark.slow)])
+def test_layouts_load_to_the_same_model(layout, llama3_hf, request):
     """Meta's layout and the F32 GGUF (permuted q/k, rope_freqs) give the HF layout's exact weights and
     config, rope scaling and end tokens included."""
     from exporter.checkpoint import load_checkpoint
@@ -396,12 +398,12 @@ def test_layouts_load_to_the_same_model(llama3_hf, llama3_meta, llama3_gguf):
 
     hf = load_checkpoint(llama3_hf)
     assert hf.config.rope_scaling == RopeScaling(32.0, 1.0, 4.0, 8192) and hf.config.tie_embeddings
-    for other in (load_checkpoint(llama3_meta), load_checkpoint(llama3_gguf("F32"))):
-        assert other.config.replace(max_seq_len=0) == hf.config.replace(max_seq_len=0)
-        assert sorted(other.state_dict) == sorted(hf.state_dict)
-        for k, v in hf.state_dict.items():
-            assert torch.equal(other.state_dict[k].to(torch.bfloat16), v), k
-        assert other.stop_ids(Tokenizer(other.tokenizer_path).eos_ids) == tuple(EOS)
+    other = load_checkpoint(layout_checkpoint(layout, request))
+    assert other.config.replace(max_seq_len=0) == hf.config.replace(max_seq_len=0)
+    assert sorted(other.state_dict) == sorted(hf.state_dict)
+    for k, v in hf.state_dict.items():
+        assert torch.equal(other.state_dict[k].to(torch.bfloat16), v), k
+    assert other.stop_ids(Tokenizer(other.tokenizer_path).eos_ids) == tuple(EOS)
 
 
 # --- tokenization --------------------------------------------------------------------------------
@@ -431,7 +433,7 @@ def test_tokenizer_matches_hugging_face(source, llama3_tokenizer, llama3_hf, lla
     from exporter.tokenizer import Tokenizer
 
     path = {"hf": lambda: llama3_hf / "tokenizer.json", "meta": lambda: llama3_meta / "tokenizer.model",
-            "gguf": lambda: import_gguf_cached(llama3_gguf("F32")) / "tokenizer.json"}[source]()
+            "gguf": lambda: import_gguf_cached(llama3_gguf("Q6_K")) / "tokenizer.json"}[source]()
     ours, ref = Tokenizer(path), HFTokenizer.from_file(str(llama3_tokenizer / "tokenizer.json"))
     texts = sample_texts()
     if source == "meta":
@@ -474,7 +476,7 @@ def test_chat_prompt_matches_transformers(source, llama3_hf, llama3_meta, llama3
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = {"hf": lambda: llama3_hf / "tokenizer.json", "meta": lambda: llama3_meta / "tokenizer.model",
-            "gguf": lambda: import_gguf_cached(llama3_gguf("F32")) / "tokenizer.json"}[source]()
+            "gguf": lambda: import_gguf_cached(llama3_gguf("Q6_K")) / "tokenizer.json"}[source]()
     ours = Tokenizer(path)
     ref = AutoTokenizer.from_pretrained(str(llama3_hf))
     for msg in ("What is the capital of France?", "Call the weather tool for Paris, 3 days.\n\nThanks! 🌦"):
