@@ -14,9 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,8 +27,8 @@ from exporter.config import ModelConfig, RopeScaling, to_hf_config
 from exporter.errors import PtekitError
 
 # What users download: float files and llama.cpp's legacy and K-quant block types, all of which the
-# gguf package dequantizes exactly. The i-quants, ternary and FP4 types are left out on purpose:
-# they are refused by name instead of being imported through code paths nothing here tests.
+# gguf package dequantizes exactly (tests/test_llama3_layouts.py imports each one). The i-quants,
+# ternary and FP4 types are refused by name rather than imported untested.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
