@@ -365,7 +365,7 @@ LAYOUTS = ["hf", pytest.param("meta", marks=pytest.mark.slow), pytest.param("ggu
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_bf16_pte_matches_transformers(layout, llama3_hf, llama3_gguf, prompt, request, capsys):
+def test_bf16_pte_matches_transformers(layout, llama3_hf, prompt, request, capsys):
     """bf16 .pte vs transformers (float32, same weights) at positions 999..1047 of the prompt:
     within bf16 tolerance, and several times closer than to the same model without rope scaling."""
     ckpt = layout_checkpoint(layout, request)
