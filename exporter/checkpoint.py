@@ -29,6 +29,11 @@ class Checkpoint:
     files: list[Path]  # what the weights were read from, for the manifest hash
     layout: str  # "meta" | "hf"
     extra: dict = field(default_factory=dict)  # bos/eos ids, chat template when the config has them
+    eos_ids: list[int] = field(default_factory=list)  # end tokens the checkpoint's configs declare
+
+    def stop_ids(self, tokenizer_eos_ids) -> tuple[int, ...]:
+        """Every id generation stops on: the configs' declared ids and the tokenizer's eos/eot."""
+        return tuple(sorted(set(self.eos_ids) | set(tokenizer_eos_ids)))
 
     def sha256(self) -> str:
         h = hashlib.sha256()
@@ -192,7 +197,17 @@ def _load_hf(d: Path) -> Checkpoint:
             t = permute_hf_to_meta(t, heads)
         sd[meta] = t
     tok = next((d / n for n in ("tokenizer.json", "tokenizer.model") if (d / n).exists()), None)
-    return Checkpoint(cfg, sd, tok, files, "hf", extra)
+    return Checkpoint(cfg, sd, tok, files, "hf", extra, _declared_eos_ids(d, extra, cfg.vocab_size))
+
+
+def _declared_eos_ids(d: Path, config_ids: dict, vocab_size: int) -> list[int]:
+    """config.json's and generation_config.json's eos_token_id, each one id or a list: Llama 3.1 and
+    3.2 Instruct list 128001, 128008 (<|eom_id|>, after a tool call) and 128009 (<|eot_id|>)."""
+    ids = set(config_ids.get("eos_token_id", []))
+    gen = d / "generation_config.json"
+    if gen.exists():
+        ids.update(hf_special_ids(read_json(gen), str(gen), vocab_size).get("eos_token_id", []))
+    return sorted(ids)
 
 
 # --- state dict -> model -----------------------------------------------------------------------

@@ -3,6 +3,10 @@
 config.json, model.safetensors (bf16), tokenizer.json and tokenizer_config.json (with the
 chat template). GGUF stores q/k rows in Meta's RoPE order; they are permuted to HF's order here
 and back by exporter.checkpoint, so the round trip is exact.
+
+Llama 3.x GGUFs (as llama.cpp's convert_hf_to_gguf.py writes them) carry the llama3 RoPE scaling
+only as a `rope_freqs` tensor of per-frequency divisors; the four scaling parameters are recovered
+from it and checked to reproduce every divisor, so a model is never imported with its scaling lost.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +23,22 @@ from tqdm import tqdm
 
 from exporter.atomic import atomic_dir
 from exporter.checkpoint import meta_to_hf_name, permute_meta_to_hf
-from exporter.config import SIZE, NUMBER, ConfigReader, ModelConfig, build_config, to_hf_config
+from exporter.config import SIZE, NUMBER, ConfigReader, ModelConfig, RopeScaling, build_config, to_hf_config
 from exporter.errors import PtekitError
+
+# What users download: float files and llama.cpp's legacy and K-quant block types, all of which the
+# gguf package dequantizes exactly (tests/test_llama3_layouts.py imports each one). The i-quants,
+# ternary and FP4 types are refused by name rather than imported untested.
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
+                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+# Llama 3's pre-tokenizer split (the `pat_str` of Meta's tiktoken tokenizer, which llama.cpp calls
+# "llama-bpe"); its Hugging Face tokenizer.json applies it as a Split before the byte-level mapping.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The turn and text ends Llama 3.1/3.2's generation_config.json lists (128001, 128008, 128009); a
+# GGUF declares only one eos id, and llama.cpp itself stops on these tokens by their text.
+LLAMA3_END_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 
 _GGUF_TO_META = {
     "token_embd.weight": "tok_embeddings.weight",
@@ -59,10 +78,15 @@ def _open(path: Path):
         raise PtekitError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
 
 
+def _f32(x) -> float:
+    """A GGUF float is float32: its shortest decimal (1e-05, not 9.99999975e-06) is what the source said."""
+    return float(str(np.float32(x)))
+
+
 def gguf_config(reader, path: Path) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise PtekitError(f"{path}: GGUF architecture is {arch!r}; ptekit imports 'llama' GGUFs only")
+        raise PtekitError(f"{path}: general.architecture is {arch!r}; ptekit imports 'llama' GGUFs only")
     p = "llama."
     keys = ("attention.head_count", "embedding_length", "block_count", "attention.head_count_kv", "vocab_size",
             "feed_forward_length", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count")
@@ -71,6 +95,19 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     n_heads = r.get(p + "attention.head_count", SIZE, required=True)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}
+    head_dim = r.get(p + "rope.dimension_count", SIZE)
+    theta = _f32(r.get(p + "rope.freq_base", NUMBER, 10000.0))
+    kind = _field(reader, p + "rope.scaling.type", "none")
+    if kind != "none":
+        raise PtekitError(f"{path}: llama.rope.scaling.type is {kind!r}; ptekit imports unscaled RoPE or "
+                          "Llama 3's scaling (a rope_freqs tensor)")
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    scaling = None
+    if rope_freqs is not None:
+        divisors = np.asarray(_dequantize(rope_freqs), dtype=np.float64).reshape(-1)
+        orig = int(_field(reader, p + "rope.scaling.original_context_length", 8192))
+        scaling = llama3_scaling_from_rope_freqs(divisors, theta, head_dim or r.get(p + "embedding_length", SIZE) // n_heads,
+                                                 orig, path)
     return build_config(
         r, {"dim": p + "embedding_length", "n_heads": p + "attention.head_count",
             "n_kv_heads": p + "attention.head_count_kv", "head_dim": p + "rope.dimension_count"},
@@ -80,35 +117,87 @@ def gguf_config(reader, path: Path) -> ModelConfig:
         n_kv_heads=r.get(p + "attention.head_count_kv", SIZE, n_heads),
         vocab_size=r.get(p + "vocab_size", SIZE, len(tokens.data) if tokens is not None else None, required=tokens is None),
         hidden_dim=r.get(p + "feed_forward_length", SIZE, required=True),
-        norm_eps=float(r.get(p + "attention.layer_norm_rms_epsilon", NUMBER, 1e-5)),
-        rope_theta=float(r.get(p + "rope.freq_base", NUMBER, 10000.0)),
+        norm_eps=_f32(r.get(p + "attention.layer_norm_rms_epsilon", NUMBER, 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
         tie_embeddings="output.weight" not in names,
-        head_dim=r.get(p + "rope.dimension_count", SIZE),
+        head_dim=head_dim,
     )
+
+
+def rope_freq_divisors(s: RopeScaling, theta: float, head_dim: int) -> np.ndarray:
+    """What convert_hf_to_gguf.py stores as rope_freqs for llama3 scaling: each frequency's divisor."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    mid = 1 / ((1 - smooth) / s.factor + smooth)
+    out = np.where(wavelen > s.original_max_position / s.low_freq_factor, s.factor, mid)
+    return np.where(wavelen < s.original_max_position / s.high_freq_factor, 1.0, out)
+
+
+def llama3_scaling_from_rope_freqs(divisors: np.ndarray, theta: float, head_dim: int, orig: int,
+                                   path: Path) -> RopeScaling | None:
+    """The llama3 scaling parameters that reproduce a GGUF's rope_freqs divisors.
+
+    factor is the largest divisor (the slowed low frequencies). In the band between, each divisor
+    gives smooth = (orig / wavelen - low) / (high - low), a line in orig / wavelen whose slope and
+    intercept give low and high; with fewer than two such frequencies, Llama 3's low=1, high=4.
+    """
+    if divisors.shape != (head_dim // 2,):
+        raise PtekitError(f"{path}: rope_freqs has {divisors.size} values; head size {head_dim} needs {head_dim // 2}")
+    if np.allclose(divisors, 1.0):
+        return None
+    factor = float(divisors.max())
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    band = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    low, high = 1.0, 4.0
+    if band.sum() >= 2:
+        x = orig / (2 * math.pi / freqs[band])
+        smooth = (1 / divisors[band] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(x, smooth, 1)
+        low = round(float(-intercept / slope), 4)
+        high = round(float(low + 1 / slope), 4)
+    s = RopeScaling(factor=round(factor, 4), low_freq_factor=low, high_freq_factor=high, original_max_position=orig)
+    if not np.allclose(rope_freq_divisors(s, theta, head_dim), divisors, rtol=1e-4, atol=0):
+        raise PtekitError(f"{path}: rope_freqs is not Llama 3's RoPE scaling (no factor/low/high fits it); "
+                          "ptekit imports unscaled RoPE or llama3 scaling")
+    return s
 
 
 def gguf_tokenizer_json(reader, path: Path) -> tuple[dict, dict]:
     """tokenizer.json and tokenizer_config.json for a GGUF with a gpt2 (byte-level BPE) vocabulary."""
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise PtekitError(f"{path}: tokenizer type {model!r} is not supported for import; ptekit imports byte-level BPE ('gpt2') GGUFs")
+        what = " (SentencePiece, as Llama 2 and TinyLlama use)" if model == "llama" else ""
+        raise PtekitError(f"{path}: tokenizer.ggml.model is {model!r}{what}; ptekit imports byte-level BPE ('gpt2') "
+                          "vocabularies only, such as Llama 3's and SmolLM2's")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
-    merges = _field(reader, "tokenizer.ggml.merges")
+    merges = _field(reader, "tokenizer.ggml.merges") or []
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    if pre in ("smollm", "starcoder"):
+    # tiktoken (Llama 3) takes a pre-token that is itself in the vocabulary whole, before any merge;
+    # Llama 3's tokenizer.json says so with ignore_merges, and llama.cpp does the same for llama-bpe.
+    ignore_merges = False
+    if pre == "llama-bpe":
+        pre_tok = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+            {**byte_level, "use_regex": False}]}
+        ignore_merges = True
+    elif pre in ("smollm", "starcoder"):
         # These vocabularies split every digit on its own before the byte-level split.
         pre_tok = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
     elif pre in ("default", "gpt2"):
         pre_tok = byte_level
     else:
-        raise PtekitError(f"{path}: pre-tokenizer {pre!r} is not supported for import; supported: smollm, starcoder, gpt2")
-    control = 3  # llama.cpp's TokenType.CONTROL
+        raise PtekitError(f"{path}: tokenizer.ggml.pre is {pre!r}, not supported for import; "
+                          "supported: llama-bpe, smollm, starcoder, gpt2")
+    control, user_defined = 3, 4  # llama.cpp's TokenType
     added = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": ty == control}
         for i, (t, ty) in enumerate(zip(tokens, types))
-        if ty == control
+        if ty in (control, user_defined)
     ]
     tok_json = {
         "version": "1.0",
@@ -121,7 +210,7 @@ def gguf_tokenizer_json(reader, path: Path) -> tuple[dict, dict]:
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": ignore_merges,
             "vocab": {t: i for i, t in enumerate(tokens)},
             "merges": list(merges),
         },
@@ -138,28 +227,48 @@ def gguf_tokenizer_json(reader, path: Path) -> tuple[dict, dict]:
     return tok_json, tok_cfg
 
 
+def gguf_eos_ids(reader) -> list[int]:
+    """The ids generation stops on: the declared eos/eot/eom ids, and for a Llama 3 vocabulary
+    (llama-bpe) its three end tokens when they are control tokens."""
+    ids = {int(i) for k in ("eos", "eot", "eom") if (i := _field(reader, f"tokenizer.ggml.{k}_token_id")) is not None}
+    if _field(reader, "tokenizer.ggml.pre") == "llama-bpe":
+        tokens, types = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.token_type")
+        ids |= {i for i, (t, ty) in enumerate(zip(tokens, types)) if t in LLAMA3_END_TOKENS and ty == 3}
+    return sorted(ids)
+
+
+def _dequantize(t) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    return dequantize(t.data, t.tensor_type)
+
+
+def check_tensor_types(reader, path: Path) -> None:
+    for t in reader.tensors:
+        if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
+            raise PtekitError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; ptekit imports "
+                              f"{', '.join(SUPPORTED_TENSOR_TYPES)}")
+
+
 def import_gguf(path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Writes the Hugging Face layout to out_dir atomically; returns out_dir."""
-    from gguf.quants import dequantize
     from safetensors.torch import save_file
 
     path = Path(path)
     if not path.is_file():
         raise PtekitError(f"{path}: no such GGUF file")
     reader = _open(path)
+    check_tensor_types(reader, path)
     cfg = gguf_config(reader, path)
     tok_json, tok_cfg = gguf_tokenizer_json(reader, path)
     sd = {}
     for t in tqdm(reader.tensors, desc="dequantize GGUF", unit="tensor", leave=False):
         meta = _meta_name(t.name)
         if meta is None:
-            if t.name == "rope_freqs.weight":
+            if t.name == "rope_freqs.weight":  # read by gguf_config into cfg.rope_scaling
                 continue
             raise PtekitError(f"{path}: unexpected tensor {t.name!r} in a llama GGUF")
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise PtekitError(f"{path}: tensor {t.name} uses {t.tensor_type.name}, which gguf cannot dequantize") from None
+        arr = _dequantize(t)
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(tuple(int(x) for x in reversed(t.shape)))
         if meta.endswith("attention.wq.weight"):
             w = permute_meta_to_hf(w, cfg.n_heads)
@@ -167,10 +276,11 @@ def import_gguf(path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) 
             w = permute_meta_to_hf(w, cfg.n_kv_heads)
         sd[meta_to_hf_name(meta)] = w.to(dtype).contiguous()
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    eos = gguf_eos_ids(reader)
     with atomic_dir(out_dir) as tmp:
         save_file(sd, tmp / "model.safetensors", metadata={"format": "pt", "source": path.name})
-        hf = to_hf_config(cfg.replace(max_seq_len=tok_cfg["model_max_length"]), bos, eos)
+        hf = to_hf_config(cfg.replace(max_seq_len=tok_cfg["model_max_length"]), bos,
+                          eos[0] if len(eos) == 1 else (eos or None))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))

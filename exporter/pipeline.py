@@ -93,7 +93,7 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
 
     stage("lower to XNNPACK")
     t1 = time.perf_counter()
-    eos = tuple(tok.eos_ids) or tuple(ckpt.extra.get("eos_token_id", []))
+    eos = ckpt.stop_ids(tok.eos_ids)
     opts = LowerOptions(max_seq_len=max_seq_len, bos_id=tok.bos_id, eos_ids=eos, eval_method=eval_method,
                         progress=progress)
     pte_bytes, delegation = lower(model, opts)

@@ -41,24 +41,30 @@ class Tokenizer:
             self.bos_id = self._token_id(cfg.get("bos_token"))
             eos = self._token_id(cfg.get("eos_token"))
             self.eos_ids = [eos] if eos is not None else []
-            self.add_bos = bool(cfg.get("add_bos_token", False))
+            # Llama 3's tokenizer.json adds <|begin_of_text|> in its post-processor and its
+            # tokenizer_config.json has no add_bos_token: what encoding "" yields says it.
+            self.add_bos = bool(cfg.get("add_bos_token", self.bos_id is not None and self._hf.encode("").ids == [self.bos_id]))
         else:
             self._cpp = pt.CppTiktoken()
             self._load_cpp()
             self._hf = None
             self.chat_template = LLAMA3_CHAT
             self.bos_id = self._cpp.bos_tok()
-            # <|end_of_text|> and <|eot_id|>: the instruct models end a turn with the latter.
-            self.eos_ids = [self._cpp.eos_tok(), self._encode_special("<|eot_id|>")]
+            # Meta's llama3 tokenizer's stop tokens: <|end_of_text|>, <|eom_id|> (the instruct models end
+            # a message with a tool call with it) and <|eot_id|> (the end of a turn).
+            self.eos_ids = [self._cpp.eos_tok(), self._encode_special("<|eom_id|>"), self._encode_special("<|eot_id|>")]
             self.add_bos = True
 
     def _load_cpp(self):
+        # A tokenizer.model that is not tiktoken's is most often Llama 2's SentencePiece model.
+        hint = ("; ptekit reads Llama 3's tiktoken tokenizer.model, not a SentencePiece one (Llama 2, TinyLlama)"
+                if self.path.suffix != ".json" else "; is the file complete?")
         try:
             err = self._cpp.load(str(self.path))
         except Exception as e:
-            raise PtekitError(f"{self.path}: cannot load tokenizer ({e})") from None
+            raise PtekitError(f"{self.path}: cannot load tokenizer ({e}){hint}") from None
         if not self._cpp.is_loaded():
-            raise PtekitError(f"{self.path}: cannot load tokenizer ({err}); is the file complete?")
+            raise PtekitError(f"{self.path}: cannot load tokenizer ({err}){hint}")
 
     def _token_id(self, tok) -> int | None:
         if isinstance(tok, dict):
