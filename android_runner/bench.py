@@ -226,7 +226,7 @@ def one_run(device: Device, index: int, label: str, flags: list[str], opts: Benc
 def bench(pte: Path, device: Device, runner: str | Path | None = None, opts: BenchOptions | None = None,
           tokenizer: Path | None = None, progress: bool = True) -> dict:
     """Benchmarks one .pte on an (unopened) device; returns the result record (see README)."""
-    from tqdm import tqdm
+    from exporter.progress import bar as progress_bar
 
     from exporter.tokenizer import Tokenizer
 
@@ -275,7 +275,7 @@ def bench(pte: Path, device: Device, runner: str | Path | None = None, opts: Ben
             device.push(Path(model["path"]))
             flags = runner_flags(device, model, prompt, opts)
             total = opts.warmup + opts.runs
-            bar = tqdm(total=total, desc=f"bench {model['label']} on {device.name}", unit="run", file=sys.stderr,
+            bar = progress_bar(total=total, desc=f"bench {model['label']} on {device.name}", unit="run", file=sys.stderr,
                        disable=not progress)
             for i in range(total):
                 warm = i < opts.warmup

@@ -384,13 +384,13 @@ def evaluate(opts: EvalOptions, echo=lambda s: print(s, file=sys.stderr)) -> dic
 
 
 def _score(windows: torch.Tensor, ref: EagerLogits, tgt, opts: EvalOptions) -> tuple[dict, dict]:
-    from tqdm import tqdm
+    from exporter.progress import bar as progress_bar
 
     n, N = windows.shape
     batch = max(1, opts.batch_tokens // (N - 1))
     t_ref = t_tgt = t_metrics = 0.0
     parts = []
-    with tqdm(total=n * (N - 1), unit="tok", unit_scale=True, desc="eval", file=sys.stderr,
+    with progress_bar(total=n * (N - 1), unit="tok", unit_scale=True, desc="eval", file=sys.stderr,
               disable=not opts.progress, dynamic_ncols=True) as bar:
         for i in range(0, n, batch):
             w = windows[i : i + batch]

@@ -25,12 +25,14 @@ def eval_command(
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: rank=N, ...). See the method's module docstring in quant/."),
     batch_tokens: int = typer.Option(BATCH_TOKENS, "--batch-tokens", help="Eager path: about this many tokens per forward (memory: 4 bytes x vocab per token per model)."),
     exact_eager: bool = typer.Option(False, "--exact-eager", help="Eager quantized target: torchao's own path (fp32 GEMMs, weights dequantized on every call; about 1.5x slower) instead of bf16 GEMMs on weights dequantized once, the reference's arithmetic."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or stage lines."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line: no progress bars or stage lines (the methods' training loops included)."),
 ):
     """Perplexity, KL divergence from the BF16 model, and top-1 agreement with it, each with its standard error over windows."""
     from benchmarks.quality import EvalOptions, evaluate, summary_line, write_record
+    from exporter.progress import set_quiet
     from quant.method import parse_options
 
+    set_quiet(quiet)
     opts = EvalOptions(target=target, method=method, reference=reference, data=data, seq_len=seq_len,
                        max_tokens=max_tokens, allow_calibration_data=allow_calibration_data, work_dir=work_dir,
                        steps=steps, device=device, options=parse_options(option), batch_tokens=batch_tokens,

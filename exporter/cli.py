@@ -35,6 +35,15 @@ METHOD_HELP = (
 )
 
 
+@app.callback()
+def root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' own logging (ExecuTorch's and the tokenizer's C++ lines, Python warnings).")):
+    from exporter.quiet import quiet_libraries, silence_native_stderr
+
+    if not verbose:
+        quiet_libraries()
+        silence_native_stderr()
+
+
 class Stages:
     """One line per pipeline step with its elapsed time, on stderr."""
 
@@ -67,12 +76,14 @@ def export(
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line: no stage lines or progress bars (the methods' training loops included)."),
 ):
     """Quantize a checkpoint with METHOD and lower it to an XNNPACK .pte."""
     from exporter.pipeline import export as run_export
+    from exporter.progress import set_quiet
     from quant.method import parse_options
 
+    set_quiet(quiet)
     stages = Stages(quiet)
     res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method,
                      calibration=calibration, device=device, steps=steps, options=parse_options(option),
@@ -130,9 +141,6 @@ app.command("eval")(_eval)
 
 
 def main():
-    from exporter.quiet import quiet_libraries
-
-    quiet_libraries()
     try:
         app()
     except PtekitError as e:
