@@ -44,7 +44,7 @@ class BenchOptions:
     temperature: float = 0.0  # greedy, so every run generates the same tokens
     timeout_s: float = 900.0
     sample_interval_s: float = 0.1
-    prompt_text: str | None = None  # default: WikiText-2 test split in ../shared/data
+    prompt_text: str | None = None  # default: WikiText-2 test split from the data directory (exporter.defaults.data_file)
 
     def check(self):
         for name, ok in (("--runs", self.runs >= 1), ("--warmup", self.warmup >= 0), ("--gen", self.gen >= 1),

@@ -71,11 +71,11 @@ class EvalOptions:
 
 def resolve_data(spec: str, allow_calibration: bool = False) -> Path:
     """`wikitext2` (the test split beside the project) or a file; the calibration split is refused."""
-    from exporter.defaults import shared_data_dir
+    from exporter.defaults import data_file
     from exporter.manifest import file_sha256
 
     if spec == WIKITEXT2:
-        path = shared_data_dir() / WIKITEXT2_TEST
+        path = data_file(WIKITEXT2_TEST)
         if not path.is_file():
             raise PtekitError(f"{path}: WikiText-2 test split not found; put the shared data beside the "
                               "checkout (../shared/data) or pass a text/JSONL file with --data")

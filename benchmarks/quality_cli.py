@@ -14,7 +14,7 @@ def eval_command(
     target: str = typer.Argument(..., help="A checkpoint (directory, .gguf, or 'smollm2-135m'), evaluated eagerly with --method applied; or a .pte, run through ExecuTorch's runtime."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="For a checkpoint: bf16, ptq (default, as `ptekit export`), spinquant, qlora. For a .pte it is read from manifest.json."),
     reference: Optional[str] = typer.Option(None, "--reference", help="The BF16 checkpoint to compare against, run eagerly in bf16. Default: the target checkpoint, or for a .pte the source recorded in manifest.json beside it."),
-    data: str = typer.Option(WIKITEXT2, "--data", help=f"'{WIKITEXT2}' (the WikiText-2 raw test split in ../shared/data) or a plain-text or JSONL file (\"text\", \"messages\", or \"prompt\"+\"response\" per line)."),
+    data: str = typer.Option(WIKITEXT2, "--data", help=f"'{WIKITEXT2}' (WikiText-2's raw test split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data; see `ptekit fetch-data`) or a plain-text or JSONL file (\"text\", \"messages\", or \"prompt\"+\"response\" per line)."),
     seq_len: int = typer.Option(DEFAULT_SEQ_LEN, "--seq-len", help=f"Window length N (default {DEFAULT_SEQ_LEN}): the text is tokenized once and cut into non-overlapping windows of N tokens, each scored from position 0 (N-1 tokens predicted per window)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use only the first N tokens of the data (default: all of it)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full record (hashes, every metric with its standard error, timings) here."),

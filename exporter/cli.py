@@ -72,7 +72,7 @@ def export(
     method: str = typer.Option("ptq", "--method", "-m", help=METHOD_HELP),
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="KV cache length in the .pte (prompt + generated tokens)."),
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL for spinquant and qlora (default: WikiText-2 validation text in ../shared/data)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL for spinquant and qlora (default: WikiText-2's validation split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data; see `ptekit fetch-data`)."),
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
@@ -121,6 +121,20 @@ def generate(
 
     generate_text(model, prompt, max_new_tokens, tokenizer, chat, echo=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     typer.echo("")
+
+
+@app.command("fetch-data")
+def fetch_data(
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Where to put the files (default: $PTEKIT_DATA when set, else ~/.cache/ptekit/data, where ptekit looks for them)."),
+):
+    """Download WikiText-2 (test and validation splits) from Hugging Face, checked byte for byte against the
+    files the published figures were measured on. Needs pyarrow (`pip install 'ptekit[data]'`)."""
+    from exporter.defaults import data_dirs
+    from exporter.wikitext2 import fetch
+
+    dest = directory or data_dirs()[0]  # $PTEKIT_DATA when set, else the user's cache directory
+    for path in fetch(dest, echo=lambda s: typer.echo(s, err=True)):
+        typer.echo(str(path))
 
 
 @app.command()

@@ -52,9 +52,9 @@ class Windows:
 
 
 def default_text() -> Path:
-    from exporter.defaults import shared_data_dir
+    from exporter.defaults import data_file
 
-    return shared_data_dir() / "wikitext-2-valid-tokens.txt"
+    return data_file("wikitext-2-valid-tokens.txt", required=False)  # qlora falls back to self-generated text
 
 
 # --- reading files -----------------------------------------------------------------------------
