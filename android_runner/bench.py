@@ -163,6 +163,9 @@ def runner_flags(device: Device, model: dict, prompt: str, opts: BenchOptions) -
         f"--seq_len={opts.prompt_len + opts.gen}",
         f"--cpu_threads={opts.threads}",
         f"--temperature={opts.temperature}",
+        # An end token before --gen tokens would end the run early and shorten the decode window
+        # silently; the count is checked after every run as well (a runner may not honour the flag).
+        "--ignore_eos",
     ]
 
 
@@ -209,6 +212,10 @@ def one_run(device: Device, index: int, label: str, flags: list[str], opts: Benc
     if metrics["prompt_tokens"] != opts.prompt_len:
         raise PtekitError(f"the runner counted {metrics['prompt_tokens']} prompt tokens on {label}, not "
                           f"{opts.prompt_len}; does its tokenizer match the .pte's (--tokenizer)?")
+    if metrics["generated_tokens"] != opts.gen - 1:  # the first new token comes out of prefill
+        raise PtekitError(f"the runner decoded {metrics['generated_tokens']} tokens on {label}, not {opts.gen - 1} "
+                          f"(--gen {opts.gen} less the one prefill makes): it stopped at an end token, so its "
+                          "decode rate covers a shorter window; use a runner that honours --ignore_eos")
     temps = stats.parse_temps(read("temp"))
     return {
         "run": index,
