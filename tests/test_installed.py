@@ -7,6 +7,7 @@ import ast
 import importlib.metadata as md
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -32,8 +33,14 @@ def installed(tmp_path_factory):
     """A venv holding the ptekit wheel; its dependencies come from this environment through a .pth file
     (already installed, and no network), never the checkout's own sources."""
     tmp = tmp_path_factory.mktemp("installed")
+    # Built from a copy of the sources, so setuptools' build/ never lands in the checkout or the wheel.
+    src = tmp / "src"
+    for pkg in OWN:
+        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", tmp / "dist", REPO], check=True, capture_output=True)
+                    "-w", tmp / "dist", src], check=True, capture_output=True)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     wheel = next((tmp / "dist").glob("ptekit-*.whl"))
