@@ -70,16 +70,12 @@ class EvalOptions:
 
 
 def resolve_data(spec: str, allow_calibration: bool = False) -> Path:
-    """`wikitext2` (the test split beside the project) or a file; the calibration split is refused."""
+    """`wikitext2` (the test split from the data directory) or a file; the calibration split is refused."""
     from exporter.defaults import data_file
     from exporter.manifest import file_sha256
 
     if spec == WIKITEXT2:
-        path = data_file(WIKITEXT2_TEST)
-        if not path.is_file():
-            raise PtekitError(f"{path}: WikiText-2 test split not found; put the shared data beside the "
-                              "checkout (../shared/data) or pass a text/JSONL file with --data")
-        return path
+        return data_file(WIKITEXT2_TEST)  # or one line saying where it was looked for and how to get it
     path = Path(spec)
     if not path.is_file():
         raise PtekitError(f"{path}: data file not found; pass '{WIKITEXT2}' or a plain-text or JSONL file with --data")

@@ -128,7 +128,7 @@ def fetch_data(
     directory: Optional[Path] = typer.Option(None, "--dir", help="Where to put the files (default: $PTEKIT_DATA when set, else ~/.cache/ptekit/data, where ptekit looks for them)."),
 ):
     """Download WikiText-2 (test and validation splits) from Hugging Face, checked byte for byte against the
-    files the published figures were measured on. Needs pyarrow (`pip install 'ptekit[data]'`)."""
+    files the published figures were measured on. Needs pyarrow (`pip install 'ptekit\\[data]'`)."""
     from exporter.defaults import data_dirs
     from exporter.wikitext2 import fetch
 
