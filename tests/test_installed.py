@@ -22,7 +22,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 OWN = {"exporter", "quant", "android_runner", "benchmarks"}
 
 
-def _run(cmd, cwd, env, timeout=900):
+def _run(cmd, cwd, env, timeout=1800):
     p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     print(f"$ {' '.join(str(c) for c in cmd)}  (rc {p.returncode})\n{p.stdout}{p.stderr}")
     return p
