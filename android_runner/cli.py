@@ -32,7 +32,9 @@ def bench(
     from android_runner.bench import BenchFailure, BenchOptions
     from android_runner.bench import bench as run_bench
     from android_runner.device import AdbDevice, LocalDevice
+    from exporter.progress import set_quiet
 
+    set_quiet(quiet)
     opts = BenchOptions(prompt_len=prompt_len, gen=gen, runs=runs, warmup=warmup, threads=threads,
                         cooldown_s=cooldown, timeout_s=timeout)
     opts.check()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.defaults import shared_data_dir
+from exporter.defaults import data_file
 from exporter.errors import PtekitError
 from exporter.tokenizer import Tokenizer
 
@@ -18,7 +18,7 @@ WIKITEXT_TEST = "wikitext-2-raw-test.txt"
 
 
 def default_text() -> Path:
-    return shared_data_dir() / WIKITEXT_TEST
+    return data_file(WIKITEXT_TEST)
 
 
 def paragraphs(text: str):
@@ -35,7 +35,7 @@ def benchmark_prompt(tokenizer: Tokenizer, n_tokens: int, text_path: Path | None
     if n_tokens < 1:
         raise PtekitError(f"--prompt-len {n_tokens}: must be at least 1")
     if not path.is_file():
-        raise PtekitError(f"{path}: benchmark prompt text not found; it ships in ../shared/data beside the checkout")
+        raise PtekitError(f"{path}: benchmark prompt text not found; pass an existing text file")
     for para in paragraphs(path.read_text(encoding="utf-8")):
         ids = tokenizer.encode(para)
         if len(ids) < n_tokens:

@@ -22,7 +22,7 @@ from pathlib import Path
 # name -> (type, default, help), as in executorch/examples/models/llama/main.cpp.
 FLAGS = {
     "model_path": (str, "llama2.pte", "Model serialized in flatbuffer format."),
-    "data_path": (str, "", "Data file for the model."),
+    "data_paths": (str, "", "Data files for the model, comma separated."),
     "tokenizer_path": (str, "tokenizer.bin", "Tokenizer stuff."),
     "prompt": (str, "The answer to the ultimate question is", "Prompt."),
     "temperature": (float, 0.8, "Temperature; 0 = greedy argmax sampling (deterministic)."),
@@ -31,6 +31,9 @@ FLAGS = {
     "num_bos": (int, 0, "Number of BOS tokens to prepend to the prompt."),
     "num_eos": (int, 0, "Number of EOS tokens to append to the prompt."),
     "warmup": (bool, False, "Whether to run a warmup run."),
+    # Accepted for llama_main's command line; ExecuTorch 1.5.1's Python GenerationConfig has no
+    # ignore_eos, so an early end token shows in generated_tokens, which the harness checks.
+    "ignore_eos": (bool, False, "Whether to ignore EOS and continue generating until the length is reached."),
 }
 TRUE, FALSE = {"true", "1", "yes", "t", "y"}, {"false", "0", "no", "f", "n"}
 
@@ -117,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"ptekit-runner: RSS before model load: {rss_mib():.1f} MiB (anonymous {rss_mib('RssAnon'):.1f} MiB, "
         f"file-backed {rss_mib('RssFile'):.1f} MiB)")
 
+    data = [p for p in flags["data_paths"].split(",") if p]
+    if len(data) > 1:
+        log("ERROR: the host runner takes one --data_paths file (ExecuTorch's Python TextLLMRunner takes one)")
+        return 1
     try:
-        runner = TextLLMRunner(flags["model_path"], flags["tokenizer_path"], flags["data_path"] or None)
+        runner = TextLLMRunner(flags["model_path"], flags["tokenizer_path"], data[0] if data else None)
         if flags["warmup"]:
             # What llama_main's runner->warmup(prompt, seq_len) does: a silent generation, then reset.
             runner.generate(flags["prompt"], GenerationConfig(echo=False, max_new_tokens=flags["seq_len"], warming=True))

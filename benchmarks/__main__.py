@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--gen", type=int, default=d.gen)
     r.add_argument("--runs", type=int, default=d.runs)
     r.add_argument("--warmup", type=int, default=d.warmup)
-    r.add_argument("--threads", type=int, default=d.threads, help="threads for every runtime; 0: all cores")
+    r.add_argument("--threads", type=int, default=d.threads, help="threads for every runtime; 0: every core here (--device local, llama.cpp), a phone's llama_main its own count (-1)")
     r.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
     r.add_argument("--eval-max-tokens", type=int, default=None, help="WikiText-2 test tokens scored per method; 0 "
                    f"skips quality (default {d.eval_max_tokens}; 0 for {RANDOM_1B}, whose random weights have none)")

@@ -75,17 +75,13 @@ class EvalOptions:
 
 
 def resolve_data(spec: str, allow_calibration: bool = False) -> Path:
-    """`wikitext2` (the test split beside the project), `python-docs` (shipped) or a file; the
-    calibration split is refused."""
-    from exporter.defaults import shared_data_dir
+    """`wikitext2` (the test split from the data directory), `python-docs` (shipped with ptekit) or a
+    file; the calibration split is refused."""
+    from exporter.defaults import data_file
     from exporter.manifest import file_sha256
 
     if spec == WIKITEXT2:
-        path = shared_data_dir() / WIKITEXT2_TEST
-        if not path.is_file():
-            raise PtekitError(f"{path}: WikiText-2 test split not found; put the shared data beside the "
-                              "checkout (../shared/data) or pass a text/JSONL file with --data")
-        return path
+        return data_file(WIKITEXT2_TEST)  # or one line saying where it was looked for and how to get it
     if spec == PYTHON_DOCS:
         return PYTHON_DOCS_FILE
     path = Path(spec)
@@ -392,13 +388,13 @@ def evaluate(opts: EvalOptions, echo=lambda s: print(s, file=sys.stderr)) -> dic
 
 
 def _score(windows: torch.Tensor, ref: EagerLogits, tgt, opts: EvalOptions) -> tuple[dict, dict]:
-    from tqdm import tqdm
+    from exporter.progress import bar as progress_bar
 
     n, N = windows.shape
     batch = max(1, opts.batch_tokens // (N - 1))
     t_ref = t_tgt = t_metrics = 0.0
     parts = []
-    with tqdm(total=n * (N - 1), unit="tok", unit_scale=True, desc="eval", file=sys.stderr,
+    with progress_bar(total=n * (N - 1), unit="tok", unit_scale=True, desc="eval", file=sys.stderr,
               disable=not opts.progress, dynamic_ncols=True) as bar:
         for i in range(0, n, batch):
             w = windows[i : i + batch]

@@ -195,8 +195,13 @@ def bench_options(opts: SuiteOptions):
                         threads=_threads(opts))
 
 
-def _threads(opts: SuiteOptions) -> int:
-    return opts.threads or os.cpu_count() or 1
+def _threads(opts: SuiteOptions, host: bool = False) -> int:
+    """--threads 0 means every core of the machine that runs the model: this machine's count for
+    --device local and the llama.cpp peer (which runs here); on a phone, llama_main's -1 (its own
+    count of the performance cores), never this machine's core count."""
+    if opts.threads:
+        return opts.threads
+    return (os.cpu_count() or 1) if host or opts.device == "local" else -1
 
 
 def _device(opts: SuiteOptions):
@@ -264,13 +269,13 @@ def step_llamacpp(gguf: Path, prompt: str, opts: SuiteOptions) -> dict:
     from benchmarks import llamacpp_peer
 
     rec_path = opts.out / "llamacpp" / "bench.json"
-    want = {"prompt_len": opts.prompt_len, "gen": opts.gen, "runs": opts.runs, "threads": _threads(opts)}
+    want = {"prompt_len": opts.prompt_len, "gen": opts.gen, "runs": opts.runs, "threads": _threads(opts, host=True)}
     done = _load(rec_path)
     if done and done.get("settings") == want and done.get("gguf") == str(gguf):
         return done
     opts.echo(f"- llama.cpp on {gguf.name}")
     ensure_writable_dir(rec_path.parent)
-    rec = llamacpp_peer.bench(gguf, prompt, opts.prompt_len, opts.gen, opts.runs, opts.warmup, _threads(opts))
+    rec = llamacpp_peer.bench(gguf, prompt, opts.prompt_len, opts.gen, opts.runs, opts.warmup, _threads(opts, host=True))
     rec["parts"] = llamacpp_peer.gguf_parts(gguf)
     return _save(rec_path, {**rec, "settings": want})
 

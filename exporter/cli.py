@@ -37,6 +37,15 @@ METHOD_HELP = (
 )
 
 
+@app.callback()
+def root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' own logging (ExecuTorch's and the tokenizer's C++ lines, Python warnings).")):
+    from exporter.quiet import quiet_libraries, silence_native_stderr
+
+    if not verbose:
+        quiet_libraries()
+        silence_native_stderr()
+
+
 class Stages:
     """One line per pipeline step with its elapsed time, on stderr."""
 
@@ -65,16 +74,18 @@ def export(
     method: str = typer.Option("ptq", "--method", "-m", help=METHOD_HELP),
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="KV cache length in the .pte (prompt + generated tokens)."),
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. spinquant calibrates on it (default: WikiText-2 validation text in ../shared/data). qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model; without it qlora distills on the model's own text."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. spinquant calibrates on it (default: WikiText-2's validation split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data). qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model; without it qlora distills on the model's own text."),
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line: no stage lines or progress bars (the methods' training loops included)."),
 ):
     """Quantize a checkpoint with METHOD and lower it to an XNNPACK .pte."""
     from exporter.pipeline import export as run_export
+    from exporter.progress import set_quiet
     from quant.method import parse_options
 
+    set_quiet(quiet)
     stages = Stages(quiet)
     res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method,
                      calibration=calibration, device=device, steps=steps, options=parse_options(option),
@@ -114,6 +125,20 @@ def generate(
     typer.echo("")
 
 
+@app.command("fetch-data")
+def fetch_data(
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Where to put the files (default: $PTEKIT_DATA when set, else ~/.cache/ptekit/data, where ptekit looks for them)."),
+):
+    """Download WikiText-2 (test and validation splits) from Hugging Face, checked byte for byte against the
+    files the published figures were measured on. Needs pyarrow (`pip install 'ptekit\\[data]'`)."""
+    from exporter.defaults import data_dirs
+    from exporter.wikitext2 import fetch
+
+    dest = directory or data_dirs()[0]  # $PTEKIT_DATA when set, else the user's cache directory
+    for path in fetch(dest, echo=lambda s: typer.echo(s, err=True)):
+        typer.echo(str(path))
+
+
 @app.command()
 def info(model: Path = typer.Argument(..., help="A .pte file.")):
     """Methods, metadata, size and XNNPACK delegation of a .pte."""
@@ -132,9 +157,6 @@ app.command("eval")(_eval)
 
 
 def main():
-    from exporter.quiet import quiet_libraries
-
-    quiet_libraries()
     try:
         app()
     except PtekitError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from exporter.errors import PtekitError
@@ -33,10 +34,47 @@ def llama3_tokenizer() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
 
 
-def shared_data_dir() -> Path:
-    """../shared/data beside the project checkout (WikiText-2)."""
-    here = Path(__file__).resolve().parent.parent
-    return here.parent / "shared" / "data"
+# WikiText-2 (Merity et al., 2016; CC BY-SA 3.0): the raw test split scores quality and makes the
+# benchmark prompt; the tokenized validation split calibrates and trains the methods. The hashes
+# pin the exact bytes every figure in BENCHMARKS.md was measured on.
+WIKITEXT2_FILES = {
+    "wikitext-2-raw-test.txt": "71fa921e51ba607b4364d8787d05f4513b41b33732dd3504ff1af8952c6e7e77",
+    "wikitext-2-valid-tokens.txt": "e24057b96f875e4ac4a5f347fa6c64438ef8322b6e41abb4d187ef0d4e150505",
+}
+DATA_ENV = "PTEKIT_DATA"
+
+
+def user_data_dir() -> Path:
+    """Where `ptekit fetch-data` puts WikiText-2: $XDG_CACHE_HOME/ptekit/data (default ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ptekit" / "data"
+
+
+def checkout_data_dir() -> Path | None:
+    """../shared/data beside a source checkout: the tests' and CI's data. None for an installed ptekit."""
+    root = Path(__file__).resolve().parent.parent
+    return root.parent / "shared" / "data" if (root / "pyproject.toml").is_file() else None
+
+
+def data_dirs() -> list[Path]:
+    """Where data files are looked for, in order. $PTEKIT_DATA, when set, is the only place."""
+    if os.environ.get(DATA_ENV):
+        return [Path(os.environ[DATA_ENV]).expanduser()]
+    return [d for d in (user_data_dir(), checkout_data_dir()) if d is not None]
+
+
+def data_file(name: str, required: bool = True) -> Path:
+    """A WikiText-2 file from the first data directory that holds it, or one line saying how to get it.
+    required=False returns the first place it would be instead, for callers with a fallback."""
+    dirs = data_dirs()
+    for d in dirs:
+        if (d / name).is_file():
+            return d / name
+    if not required:
+        return dirs[0] / name
+    where = " or ".join(str(d) for d in dirs)
+    raise PtekitError(f"{name}: not found in {where}; run `ptekit fetch-data` to download WikiText-2 into "
+                      f"{user_data_dir()}, set {DATA_ENV} to a directory that holds it, or pass a file with --data")
 
 
 def resolve_checkpoint_arg(arg: str) -> Path:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from exporter.atomic import atomic_dir
 from exporter.checkpoint import meta_to_hf_name, permute_meta_to_hf
 from exporter.config import SIZE, NUMBER, ConfigReader, ModelConfig, RopeScaling, build_config, to_hf_config
 from exporter.errors import PtekitError
+from exporter.progress import bar as progress_bar
 
 # What users download: float files and llama.cpp's legacy and K-quant block types, all of which the
 # gguf package dequantizes exactly (tests/test_llama3_layouts.py imports each one). The i-quants,
@@ -262,7 +262,7 @@ def import_gguf(path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) 
     cfg = gguf_config(reader, path)
     tok_json, tok_cfg = gguf_tokenizer_json(reader, path)
     sd = {}
-    for t in tqdm(reader.tensors, desc="dequantize GGUF", unit="tensor", leave=False):
+    for t in progress_bar(reader.tensors, desc="dequantize GGUF", unit="tensor", leave=False):
         meta = _meta_name(t.name)
         if meta is None:
             if t.name == "rope_freqs.weight":  # read by gguf_config into cfg.rope_scaling

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from exporter.errors import PtekitError
+from exporter.quiet import native_calls
 
 EVAL_METHOD = "forward_all_logits"
 
@@ -31,7 +32,8 @@ class PteModel:
         from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
         try:
-            self._module = _load_for_executorch(str(self.path), enable_etdump=etdump)
+            with native_calls():
+                self._module = _load_for_executorch(str(self.path), enable_etdump=etdump)
             self.methods = set(self._module.method_names())
         except Exception as e:
             raise PtekitError(f"{self.path}: not a readable .pte; ExecuTorch cannot load it ({e}); re-export it") from None
@@ -41,7 +43,8 @@ class PteModel:
     def meta(self, name: str, default=None):
         if name not in self.methods:
             return default
-        out = self._module.run_method(name, ())
+        with native_calls():
+            out = self._module.run_method(name, ())
         return out if name == "get_eos_ids" else out[0]
 
     def metadata(self) -> dict:
@@ -54,7 +57,8 @@ class PteModel:
         method = EVAL_METHOD if all_logits else "forward"
         if method not in self.methods:
             raise PtekitError(f"{self.path}: no '{method}' method; re-export with --eval-method")
-        out = self._module.run_method(method, (torch.tensor([tokens], dtype=torch.long), torch.tensor([start], dtype=torch.long)))[0]
+        with native_calls():
+            out = self._module.run_method(method, (torch.tensor([tokens], dtype=torch.long), torch.tensor([start], dtype=torch.long)))[0]
         return out[0] if all_logits else out[0, -1]
 
     def write_etdump(self, path: Path) -> None:

@@ -20,9 +20,9 @@ DEFAULT_CALIBRATION = "wikitext-2-valid-tokens.txt"
 
 
 def default_calibration() -> Path:
-    from exporter.defaults import shared_data_dir
+    from exporter.defaults import data_file
 
-    return shared_data_dir() / DEFAULT_CALIBRATION
+    return data_file(DEFAULT_CALIBRATION)
 
 
 def read_text(path: Path) -> str:

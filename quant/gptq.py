@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from exporter.progress import bar as progress_bar
 from quant import scheme
 
 
@@ -199,7 +199,7 @@ def gptq_model(model: nn.Module, tokens: torch.Tensor, opts: GPTQOptions, device
     cos, sin = model.freqs_cos[:S].to(device), model.freqs_sin[:S].to(device)
     stages = [[g] for g in _GROUPS] if opts.true_sequential else [list(_GROUPS)]
     result = {}
-    bar = tqdm(total=cfg.n_layers * len(_GROUPS), desc="GPTQ", unit="group", disable=not progress)
+    bar = progress_bar(total=cfg.n_layers * len(_GROUPS), desc="GPTQ", unit="group", disable=not progress)
     for i, layer in enumerate(model.layers):
         for groups in stages:
             acc = {g: HessianAccumulator(layer.get_submodule(g[0]).in_features, device) for g in groups}

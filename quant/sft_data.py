@@ -202,7 +202,7 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
     Uses the model's eager KV-cache path with a cache of `batch` rows; the caches are removed
     afterwards so the model trains as before.
     """
-    from tqdm import tqdm
+    from exporter.progress import bar as progress_bar
 
     cfg = model.config
     if length - 1 > cfg.max_seq_len:  # the last token is sampled, never fed back
@@ -213,7 +213,7 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
     out: list[Example] = []
     was_training = model.training
     model.eval()
-    bar = tqdm(total=n_sequences * length, desc="generating training text", unit="tok", disable=not progress,
+    bar = progress_bar(total=n_sequences * length, desc="generating training text", unit="tok", disable=not progress,
                dynamic_ncols=True)
     try:
         for first in range(0, n_sequences, batch):

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from exporter.atomic import atomic_path, write_text
 from exporter.errors import PtekitError
+from exporter.progress import bar as progress_bar
 from quant import data, fake_quant, rotation
 from quant.method import pop_preset
 from quant.cayley import CayleySGD
@@ -247,7 +248,7 @@ def learn_rotations(model: nn.Module, pool: torch.Tensor, s: Settings, work_dir:
         if run.step < s.iterations:
             tqdm.write(f"spinquant: resuming the rotation optimization at step {run.step} of {s.iterations}",
                        file=sys.stderr)
-    bar = tqdm(range(run.step, s.iterations), desc="spinquant rotations", unit="step", disable=not progress,
+    bar = progress_bar(range(run.step, s.iterations), desc="spinquant rotations", unit="step", disable=not progress,
                initial=run.step, total=s.iterations)
     for _ in bar:
         loss = run.advance(loss_fn, pool, s)
@@ -308,7 +309,7 @@ def _start(loss_fn, pool, s: Settings, cfg, device, progress: bool) -> _Run:
     for name, (r1, r2) in candidates.items():
         runs[name] = _Run(r1, r2, device, s)
         if s.init_probe:
-            probe = tqdm(range(min(s.init_probe, s.iterations)), desc=f"spinquant start probe: {name}",
+            probe = progress_bar(range(min(s.init_probe, s.iterations)), desc=f"spinquant start probe: {name}",
                          unit="step", leave=False, disable=not progress)
             losses = [runs[name].advance(loss_fn, pool, s) for _ in probe]
             scores[name] = round(sum(losses) / max(len(losses), 1), 5)

@@ -208,7 +208,7 @@ def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Ob
     holds an unfinished run with the same fingerprint, and only restores the parameters if that
     run has finished. `objective(forward, step, a)` returns micro-batch a's (loss, parts, tokens)
     computed through `forward` (the model, or its DDP wrapper). Returns the last step's metrics."""
-    from tqdm import tqdm
+    from exporter.progress import bar as progress_bar
 
     names = _param_names(model, params)
     trainable = set(id(p) for p in params)
@@ -241,7 +241,7 @@ def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Ob
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = use_autocast(cfg, device)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", disable=not (progress and d.main),
+    bar = progress_bar(total=cfg.steps, initial=start, desc=name, unit="step", disable=not (progress and d.main),
                dynamic_ncols=True)
     metrics: dict = {}
     with torch.enable_grad():
