@@ -125,20 +125,6 @@ def generate(
     typer.echo("")
 
 
-@app.command("fetch-data")
-def fetch_data(
-    directory: Optional[Path] = typer.Option(None, "--dir", help="Where to put the files (default: $PTEKIT_DATA when set, else ~/.cache/ptekit/data, where ptekit looks for them)."),
-):
-    """Download WikiText-2 (test and validation splits) from Hugging Face, checked byte for byte against the
-    files the published figures were measured on. Needs pyarrow (`pip install 'ptekit\\[data]'`)."""
-    from exporter.defaults import data_dirs
-    from exporter.wikitext2 import fetch
-
-    dest = directory or data_dirs()[0]  # $PTEKIT_DATA when set, else the user's cache directory
-    for path in fetch(dest, echo=lambda s: typer.echo(s, err=True)):
-        typer.echo(str(path))
-
-
 @app.command()
 def info(model: Path = typer.Argument(..., help="A .pte file.")):
     """Methods, metadata, size and XNNPACK delegation of a .pte."""

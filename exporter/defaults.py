@@ -45,7 +45,7 @@ DATA_ENV = "PTEKIT_DATA"
 
 
 def user_data_dir() -> Path:
-    """Where `ptekit fetch-data` puts WikiText-2: $XDG_CACHE_HOME/ptekit/data (default ~/.cache)."""
+    """The user's data directory: $XDG_CACHE_HOME/ptekit/data (default ~/.cache/ptekit/data)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ptekit" / "data"
 
@@ -73,8 +73,8 @@ def data_file(name: str, required: bool = True) -> Path:
     if not required:
         return dirs[0] / name
     where = " or ".join(str(d) for d in dirs)
-    raise PtekitError(f"{name}: not found in {where}; run `ptekit fetch-data` to download WikiText-2 into "
-                      f"{user_data_dir()}, set {DATA_ENV} to a directory that holds it, or pass a file with --data")
+    raise PtekitError(f"{name}: not found in {where}; put WikiText-2's {name} in {user_data_dir()}, set "
+                      f"{DATA_ENV} to a directory that holds it, or pass a text file with --data")
 
 
 def resolve_checkpoint_arg(arg: str) -> Path:

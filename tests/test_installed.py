@@ -4,6 +4,7 @@ run from a directory outside the checkout, data found through the documented dat
 from __future__ import annotations
 
 import ast
+import importlib.util
 import importlib.metadata as md
 import os
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter import defaults, wikitext2
+from exporter import defaults
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -76,7 +77,7 @@ def test_installed_cli_runs_outside_the_checkout(installed, tiny_hf):
     evaluate = ["ptekit", "eval", "out/model.pte", "--seq-len", "64", "--max-tokens", "192", "-q"]
     missing = _run(evaluate, work, env)
     assert missing.returncode == 2, missing.stderr
-    assert missing.stderr.count("\n") == 1 and "ptekit fetch-data" in missing.stderr \
+    assert missing.stderr.count("\n") == 1 and "--data" in missing.stderr \
         and defaults.DATA_ENV in missing.stderr, missing.stderr
 
     # The data directory from the environment variable, and an explicit file.
@@ -98,7 +99,7 @@ def test_data_directories_in_order(tmp_path, monkeypatch):
     (cached / name).write_text("x")
     assert defaults.data_file(name) == cached / name  # the user's cache comes first
     monkeypatch.setenv(defaults.DATA_ENV, str(tmp_path / "elsewhere"))
-    with pytest.raises(defaults.PtekitError, match="ptekit fetch-data"):
+    with pytest.raises(defaults.PtekitError, match=defaults.DATA_ENV):
         defaults.data_file(name)  # $PTEKIT_DATA, when set, is the only place
 
 
@@ -118,19 +119,23 @@ def _rows_raw(text: str) -> list[str]:
         p += 2
 
 
-def test_fetch_data_writes_the_measured_bytes(tmp_path):
-    """Rows as Hugging Face's parquet holds them (4358 test, 3760 validation, the split sizes) give back
-    the shared files byte for byte; any other bytes are refused and nothing is written."""
+def test_the_workflows_wikitext2_download_writes_the_measured_bytes(tmp_path):
+    """The export workflow's download (.ci/fetch_wikitext2.py): rows as Hugging Face's parquet holds them
+    (4358 test, 3760 validation, the split sizes) give back the shared files byte for byte; any other
+    bytes are refused and nothing is written."""
+    spec = importlib.util.spec_from_file_location("fetch_wikitext2", REPO / ".ci" / "fetch_wikitext2.py")
+    fetch_wikitext2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch_wikitext2)
     raw = (SHARED_DATA / "wikitext-2-raw-test.txt").read_bytes().decode()
     valid = (SHARED_DATA / "wikitext-2-valid-tokens.txt").read_bytes().decode()
     rows = {"wikitext-2-raw-test.txt": _rows_raw(raw),
             "wikitext-2-valid-tokens.txt": ["" if r == " \n" else r for r in valid[1:].splitlines(keepends=True)]}
     assert [len(r) for r in rows.values()] == [4358, 3760]
     for name, r in rows.items():
-        path = wikitext2.write_checked(tmp_path, name, wikitext2.file_bytes(name, r))
+        path = fetch_wikitext2.write_checked(tmp_path, name, fetch_wikitext2.file_bytes(name, r))
         assert path.read_bytes() == (SHARED_DATA / name).read_bytes()
     with pytest.raises(defaults.PtekitError, match="sha256"):
-        wikitext2.write_checked(tmp_path / "x", "wikitext-2-raw-test.txt", b"other text")
+        fetch_wikitext2.write_checked(tmp_path / "x", "wikitext-2-raw-test.txt", b"other text")
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 

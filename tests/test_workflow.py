@@ -31,7 +31,7 @@ def test_export_job_rehearsal(tiny_hf, tmp_path):
                            "--eval-seq-len", "64", "--eval-max-tokens", "256", "--quiet"],
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # fetch-data verified the shared files' hashes and printed them, downloading nothing.
+    # .ci/fetch_wikitext2.py verified the shared files' hashes and printed them, downloading nothing.
     assert "wikitext-2-raw-test.txt" in proc.stdout and "downloading" not in proc.stderr
     record = json.loads((out / "benchmarks.json").read_text())
     assert record["methods"]["bf16"]["bench"]["complete"]

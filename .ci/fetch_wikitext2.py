@@ -1,5 +1,9 @@
-"""WikiText-2 from Hugging Face's copy (Salesforce/wikitext, parquet), written as the exact files that
-every figure in BENCHMARKS.md was measured on (checked by sha256: exporter.defaults.WIKITEXT2_FILES).
+"""WikiText-2 for the export workflow's hosted runner: Hugging Face's copy (Salesforce/wikitext, parquet),
+written as the exact files every figure in BENCHMARKS.md was measured on (checked by sha256:
+exporter.defaults.WIKITEXT2_FILES). Files already there and intact are not downloaded again. ptekit itself
+never downloads anything; this is a setup step of .ci/export-job, like its pip installs.
+
+    .venv/bin/python .ci/fetch_wikitext2.py DEST_DIR     (a download needs pyarrow)
 
 The parquet holds one row per line of the original release, with "" for its blank lines. The two files
 are rebuilt from those rows in the two forms they have always had:
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -39,8 +44,7 @@ def parquet_rows(data: bytes) -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise PtekitError("fetch-data reads Hugging Face's parquet files with pyarrow; run "
-                          "`pip install 'ptekit[data]'` (or `pip install pyarrow`)") from None
+        raise PtekitError("reading Hugging Face's parquet files needs pyarrow: pip install pyarrow") from None
     return pq.read_table(io.BytesIO(data)).column("text").to_pylist()
 
 
@@ -72,3 +76,11 @@ def fetch(dest: Path, echo=lambda s: None) -> list[Path]:
                               f"files into {dest} by hand") from None
         out.append(write_checked(dest, name, file_bytes(name, parquet_rows(raw))))
     return out
+
+
+if __name__ == "__main__":
+    try:
+        for p in fetch(Path(sys.argv[1]), echo=lambda s: print(s, file=sys.stderr)):
+            print(p)
+    except PtekitError as e:
+        sys.exit(f"error: {e}")
