@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from exporter.atomic import atomic_path, write_text
+from exporter.atomic import atomic_dir, atomic_path
 from exporter.errors import PtekitError
 from exporter.progress import bar as progress_bar
 from quant import data, fake_quant, rotation
@@ -54,6 +54,7 @@ from quant.hadamard import random_hadamard
 
 FORMAT = "ptekit-spinquant/1"
 STATE = "rotation_state.pt"
+RESULT = "result"  # the finished run's three files, written as one directory: all of them or none
 ROTATIONS = "rotations.safetensors"
 CHECKPOINT = "model.safetensors"
 MANIFEST = "spinquant.json"
@@ -432,7 +433,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
         floats, weights = saved
         loaded = model.load_state_dict(floats, strict=False)  # the block linears come as integers below
         if loaded.unexpected_keys or set(loaded.missing_keys) - {f"{n}.weight" for n in weights}:
-            raise PtekitError(f"{work / CHECKPOINT}: does not fit this model; delete {work} to quantize again")
+            raise PtekitError(f"{work / RESULT / CHECKPOINT}: does not fit this model; delete {work} to quantize again")
         return apply_scheme(model, weights)
 
     t0 = time.perf_counter()
@@ -487,12 +488,16 @@ def save_result(work: Path, fp: str, s: Settings, floats: dict, weights: dict, r
     for name, (q, scale) in weights.items():
         tensors[f"{name}.qdata"] = q.contiguous()
         tensors[f"{name}.scale"] = scale.contiguous()
-    with atomic_path(work / CHECKPOINT) as tmp:
-        save_file(tensors, str(tmp), metadata={"fingerprint": fp})
-    if r1 is not None:
-        with atomic_path(work / ROTATIONS) as tmp:
-            save_file({"R1": r1.contiguous(), "R2": r2.contiguous()}, str(tmp))
-    manifest = {
+    manifest_text = json.dumps(_result_manifest(fp, s, r1, r2, r4, record, seconds), indent=1) + "\n"
+    with atomic_dir(work / RESULT) as tmp:
+        save_file(tensors, str(tmp / CHECKPOINT), metadata={"fingerprint": fp})
+        if r1 is not None:
+            save_file({"R1": r1.contiguous(), "R2": r2.contiguous()}, str(tmp / ROTATIONS))
+        (tmp / MANIFEST).write_text(manifest_text)
+
+
+def _result_manifest(fp: str, s: Settings, r1, r2, r4: bool, record: dict, seconds: dict) -> dict:
+    return {
         "format": FORMAT,
         "fingerprint": fp,
         "settings": dataclasses.asdict(s),
@@ -505,13 +510,13 @@ def save_result(work: Path, fp: str, s: Settings, floats: dict, weights: dict, r
         "weights": {"block_linears": "GPTQ" if s.gptq else "round to nearest", "file": CHECKPOINT},
         "seconds": seconds,
     }
-    write_text(work / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # written last: marks the result complete
 
 
 def load_result(work: Path, fp: str):
     """(float tensors, {linear: (integers, scales)}) saved by a finished run with this fingerprint, else None."""
-    path = work / MANIFEST
-    if not path.exists() or not (work / CHECKPOINT).exists():
+    result = work / RESULT
+    path = result / MANIFEST
+    if not path.exists() or not (result / CHECKPOINT).exists():
         return None
     try:
         manifest = json.loads(path.read_text())
@@ -521,9 +526,9 @@ def load_result(work: Path, fp: str):
         return None
     from safetensors import safe_open
 
-    # The checkpoint carries the fingerprint too: a run that died between writing it and the
-    # manifest must not pair a new checkpoint with an old manifest.
-    with safe_open(str(work / CHECKPOINT), framework="pt") as f:
+    # The checkpoint carries the fingerprint too, so a result directory assembled by hand from two
+    # runs is not taken for either.
+    with safe_open(str(result / CHECKPOINT), framework="pt") as f:
         if (f.metadata() or {}).get("fingerprint") != fp:
             return None
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -229,7 +229,9 @@ def tiny_spinquant_pte(tiny96_hf, calibration, tmp_path_factory):
 def test_export_saves_rotations_checkpoint_and_manifest(tiny_spinquant_pte):
     from safetensors.torch import load_file
 
-    work = tiny_spinquant_pte.out_dir / "spinquant-work"
+    from quant import spinquant
+
+    work = tiny_spinquant_pte.out_dir / "spinquant-work" / spinquant.RESULT
     manifest = json.loads((work / "spinquant.json").read_text())
     assert manifest["rotations"] == {"R1": True, "R2": True, "R4_online_hadamard": True, "file": "rotations.safetensors"}
     assert manifest["init"] in ("identity", "hadamard") and len(manifest["losses"]) == 3
@@ -260,7 +262,7 @@ def test_rerun_loads_the_saved_result_and_pte_matches_it(tiny_spinquant_pte, tin
     work = tiny_spinquant_pte.out_dir / "spinquant-work"
     _, tok, model = load_for_method(tiny96_hf, "spinquant", lambda t: inputs(work, t, calibration), 128)
 
-    saved = load_file(str(work / "model.safetensors"))
+    saved = load_file(str(work / spinquant.RESULT / "model.safetensors"))
     for name in ("layers.0.attention.wq", "layers.1.feed_forward.w2"):
         w = model.get_submodule(name).weight
         assert torch.equal(w.qdata, saved[f"{name}.qdata"]) and torch.equal(w.scale, saved[f"{name}.scale"])
@@ -346,9 +348,26 @@ def test_saved_result_is_only_reused_for_the_same_fingerprint(tmp_path):
     assert spinquant.load_result(tmp_path, "fp-b") is None
     loaded_floats, loaded_weights = spinquant.load_result(tmp_path, "fp-a")
     assert torch.equal(loaded_weights["layers.0.attention.wq"][0], weights["layers.0.attention.wq"][0])
-    # A newer checkpoint beside an older manifest (a run killed between the two writes) is not used.
+    # A newer checkpoint beside an older manifest (files from two runs put together) is not used.
     spinquant.save_result(tmp_path, "fp-c", s, floats, weights, None, None, False, {}, {})
-    manifest = json.loads((tmp_path / spinquant.MANIFEST).read_text())
+    result = tmp_path / spinquant.RESULT
+    manifest = json.loads((result / spinquant.MANIFEST).read_text())
     manifest["fingerprint"] = "fp-a"
-    (tmp_path / spinquant.MANIFEST).write_text(json.dumps(manifest))
+    (result / spinquant.MANIFEST).write_text(json.dumps(manifest))
     assert spinquant.load_result(tmp_path, "fp-a") is None
+    manifest["fingerprint"] = "fp-c"
+    (result / spinquant.MANIFEST).write_text(json.dumps(manifest))
+    before = {f.name: f.read_bytes() for f in result.iterdir()}
+
+    # Ctrl-C while a new result is written (here: at its manifest, after the checkpoint and the
+    # rotations): the previous result stays whole and usable, and no staging directory is left.
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "write_text", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            spinquant.save_result(tmp_path, "fp-d", s, floats, weights, torch.eye(64), torch.eye(16)[None], True, {}, {})
+    assert {f.name: f.read_bytes() for f in result.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [spinquant.RESULT]
+    assert spinquant.load_result(tmp_path, "fp-c") is not None
