@@ -74,6 +74,7 @@ class QLoRASettings:
     gptq_samples: int = 64  # rotation=hadamard: training windows GPTQ calibrates on
     checkpoint_every: int = 50
     autocast: bool | None = None
+    recompute_activations: bool = True  # recompute each block's activations in the backward: less memory
     gen_sequences: int = 256  # data-free: how many sequences the BF16 model writes
     dpo_data: str | None = None  # JSONL of {"prompt", "chosen", "rejected"}; None: no DPO round
     dpo_steps: int = 50
@@ -109,7 +110,7 @@ class QLoRASettings:
         return TrainConfig(steps=steps, lr=lr, warmup_steps=min(self.warmup_steps, steps // 10),
                            micro_batch=self.micro_batch, grad_accum=self.grad_accum, ce_weight=ce,
                            kd_weight=self.kd_weight, checkpoint_every=self.checkpoint_every,
-                           autocast=self.autocast, seed=seed)
+                           autocast=self.autocast, recompute_activations=self.recompute_activations, seed=seed)
 
 
 PRESETS = {

@@ -5,6 +5,11 @@ over torch.distributed (DDP; launched with torchrun, NCCL on GPUs, gloo on CPUs)
 Loss: cross-entropy on the response tokens, plus distillation (KL from the teacher's
 distribution to the student's) on the same positions when a teacher is given.
 
+Memory: each transformer block's activations are recomputed in the backward pass rather than kept
+(activation checkpointing), and the distillation loss is computed a chunk of positions at a time,
+so neither the blocks' activations nor the [tokens, vocabulary] intermediates of the loss are held
+for the whole micro-batch.
+
 Resuming gives the same result as not stopping: the batch of every step is a function of the
 seed and the step number alone, and the checkpoint holds the trained parameters, the optimizer
 and the schedule.
@@ -13,6 +18,7 @@ and the schedule.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -25,6 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from exporter.errors import PtekitError
 from quant.sft_data import Windows
@@ -47,11 +54,13 @@ class TrainConfig:
     kd_temperature: float = 1.0
     checkpoint_every: int = 50
     autocast: bool | None = None  # None: bf16 autocast on CUDA devices that support bf16
+    recompute_activations: bool = True  # activation checkpointing per block: less memory, ~1/3 more compute
     seed: int = 0
 
     def fingerprint(self) -> str:
-        # How often to checkpoint does not change the result, so a run may resume with another.
-        d = {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
+        # How often to checkpoint and whether activations are recomputed do not change the result,
+        # so a run may resume with other values.
+        d = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "recompute_activations")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -126,24 +135,49 @@ def micro_batch(windows: Windows, step: int, a: int, cfg: TrainConfig, d: Dist):
 # --- loss --------------------------------------------------------------------------------------
 
 
+# Positions per chunk of the distillation loss: its log-softmaxes are [positions, vocabulary] in
+# fp32 (49,152 x 4 bytes a position for SmolLM2, 128,256 x 4 for Llama 3), recomputed in the backward.
+KD_CHUNK = 256
+
+
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, teacher_logits: torch.Tensor | None,
             cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     """CE on masked targets + T^2 * KL(teacher || student) on the same positions."""
-    sel = logits[mask].float()
+    sel = logits[mask]
     parts = {}
     loss = torch.zeros((), device=logits.device)
     if cfg.ce_weight:
-        ce = F.cross_entropy(sel, targets[mask])
+        ce = F.cross_entropy(sel.float(), targets[mask])
         loss = loss + cfg.ce_weight * ce
         parts["ce"] = ce.detach()
     if teacher_logits is not None and cfg.kd_weight:
         t = cfg.kd_temperature
-        log_p_t = F.log_softmax(teacher_logits[mask].float() / t, -1)
-        log_p_s = F.log_softmax(sel / t, -1)
-        kd = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
+        teacher_sel = teacher_logits[mask]
+        kd = sum(checkpoint(_kl_sum, sel[i:i + KD_CHUNK], teacher_sel[i:i + KD_CHUNK], t, use_reentrant=False)
+                 for i in range(0, sel.shape[0], KD_CHUNK)) / sel.shape[0] * t * t
         loss = loss + cfg.kd_weight * kd
         parts["kd"] = kd.detach()
     return loss, parts
+
+
+def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    log_p_t = F.log_softmax(teacher.float() / t, -1)
+    log_p_s = F.log_softmax(student.float() / t, -1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+
+
+@contextlib.contextmanager
+def recomputed_blocks(model: nn.Module, enabled: bool = True):
+    """While inside, each of model.layers keeps only its input for the backward pass and runs its
+    forward again there (torch.utils.checkpoint); the module itself and its state dict are unchanged."""
+    blocks = list(getattr(model, "layers", [])) if enabled else []
+    for b in blocks:
+        b.forward = functools.partial(checkpoint, b.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            del b.forward  # back to the class's forward
 
 
 # --- checkpoint --------------------------------------------------------------------------------
@@ -244,7 +278,7 @@ def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Ob
     bar = progress_bar(total=cfg.steps, initial=start, desc=name, unit="step", disable=not (progress and d.main),
                dynamic_ncols=True)
     metrics: dict = {}
-    with torch.enable_grad():
+    with torch.enable_grad(), recomputed_blocks(model, cfg.recompute_activations):
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             tokens_seen, parts_sum, loss_sum = 0, {}, 0.0

@@ -156,3 +156,67 @@ def test_distillation_is_zero_against_itself_and_ce_only_on_targets():
     logits2[1] += torch.randn(5, 11) * 10  # positions outside the mask do not count
     _, parts2 = loss_fn(logits2, targets, mask, logits, TrainConfig())
     assert parts2["kd"].abs().item() < 1e-6
+
+
+def test_recomputed_blocks_and_chunked_distillation_keep_the_gradients_and_drop_the_saved_activations(tiny_hf):
+    """Activation checkpointing and the chunked KL change what the backward pass keeps, not what it
+    computes: same loss and gradients as the plain formula, far fewer block activations kept."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from exporter.checkpoint import build_model, load_checkpoint
+    from quant.train import KD_CHUNK, TrainConfig, loss_fn, recomputed_blocks
+
+    torch.manual_seed(0)
+    model = build_model(load_checkpoint(tiny_hf), max_seq_len=256).float()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 201))
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    mask = torch.ones_like(tgt, dtype=torch.bool)
+    assert mask.sum() > KD_CHUNK  # more than one chunk
+    with torch.no_grad():
+        t_logits = teacher(inp)
+
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def run(recompute: bool):
+        """(loss, gradients, bytes the blocks and the loss keep for the backward)."""
+        model.zero_grad(set_to_none=True)
+        saved = {"blocks": 0, "loss": 0}
+        phase = "blocks"
+
+        def pack(t):
+            if t.data_ptr() not in params:  # weights are kept either way
+                saved[phase] += t.numel() * t.element_size()
+            return t
+
+        with torch.enable_grad(), recomputed_blocks(model, recompute):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                h = model.tok_embeddings(inp)
+                cos, sin = model.freqs_cos[:inp.shape[1]], model.freqs_sin[:inp.shape[1]]
+                for layer in model.layers:
+                    h = layer(h, cos, sin)
+                phase = "loss"
+                logits = model.output(model.norm(h)).float()
+                if recompute:
+                    loss, _ = loss_fn(logits, tgt, mask, t_logits, TrainConfig(ce_weight=0.0))
+                else:  # the formula written out, in one piece
+                    loss = F.kl_div(F.log_softmax(logits.flatten(0, 1), -1), F.log_softmax(t_logits.flatten(0, 1), -1),
+                                    log_target=True, reduction="batchmean")
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, saved
+
+    keys = list(model.state_dict())
+    plain_loss, plain_grads, plain_saved = run(False)
+    loss, grads, saved = run(True)
+    torch.testing.assert_close(loss, plain_loss)
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    # Each block keeps its input alone, not its intermediates. (The chunked loss keeps as much as the
+    # plain one; what it saves is the transient [positions, vocabulary] tensors, one chunk at a time.)
+    assert saved["blocks"] < plain_saved["blocks"] / 5, (saved, plain_saved)
+    assert list(model.state_dict()) == keys and "forward" not in vars(model.layers[0])  # the model is as before
