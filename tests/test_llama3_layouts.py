@@ -507,7 +507,7 @@ def test_eos_ids_are_the_union_of_every_declaration(llama3_hf, tmp_path):
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
     from exporter.errors import PtekitError
 
-    with pytest.raises(PtekitError, match=r"generation_config.json: eos_token_id is '</s>'"):
+    with pytest.raises(PtekitError, match=r"generation_config.json: eos_token_id = '</s>' is not a token id"):
         load_checkpoint(d)
 
 
