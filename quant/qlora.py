@@ -118,8 +118,8 @@ PRESETS = {
     "paper": {},
     # 205K tokens (91% there) is what fits an hour of 2 CPU cores; the adapters then get few
     # steps, so a LoRA-sized learning rate rather than the backbone's.
-    # Micro-batches of 2 x 512 accumulated 4 times: the same 8 x 512 a step at less than half the
-    # activation memory of 4 x 512 (BENCHMARKS.md, QAT).
+    # Micro-batches of 2 x 512 accumulated 4 times: the same 8 x 512 a step; SmolLM2's training then
+    # peaks at 6.1 GiB instead of 7.6 GiB for 4 x 512, about 5% slower (docs/qlora.md, Memory).
     "cpu": {"qat_steps": 50, "lora_steps": 20, "lora_lr": 1e-3, "micro_batch": 2, "grad_accum": 4},
 }
 
