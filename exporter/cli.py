@@ -31,9 +31,10 @@ app = typer.Typer(
 METHOD_HELP = (
     "bf16: unquantized baseline. ptq: round to nearest into the scheme (4-bit g32 weights + 8-bit dynamic "
     "activations in the blocks, 8-bit classifier and embedding). spinquant: learned rotations + GPTQ. "
-    "qlora: quantization-aware training + LoRA adapters; without --data it distills the BF16 model on text "
-    "the model writes itself (recovery, on no particular domain), with --data it also trains cross-entropy on "
-    "your data (fine-tuning)."
+    "qlora: quantization-aware training + LoRA adapters, starting from Hadamard-rotated GPTQ weights "
+    "(-O rotation=none: from the checkpoint's); without --data it distills the BF16 model on text the model "
+    "writes itself (recovery, on no particular domain), with --data it also trains cross-entropy on your "
+    "data (fine-tuning)."
 )
 
 
@@ -76,7 +77,7 @@ def export(
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. spinquant calibrates on it (default: WikiText-2's validation split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data). qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model; without it qlora distills on the model's own text."),
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
-    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rotation=hadamard|none, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line: no stage lines or progress bars (the methods' training loops included)."),
 ):

@@ -154,7 +154,7 @@ def test_qat_steps_0_trains_only_the_adapters_on_the_round_to_nearest_backbone(t
 
     ckpt = load_checkpoint(tiny_hf)
     inputs = MethodInputs(work_dir=tmp_path, tokenizer=Tokenizer(ckpt.tokenizer_path), calibration=wikitext_valid,
-                          options={**EXPORT_OPTIONS, "qat_steps": 0, "lora_steps": 1})
+                          options={**EXPORT_OPTIONS, "qat_steps": 0, "lora_steps": 1, "rotation": "none"})
     got = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)
     rtn = apply_scheme(build_model(ckpt, max_seq_len=256))
     assert not (tmp_path / "qat" / "state.pt").exists() and (tmp_path / "lora" / "state.pt").exists()
