@@ -234,7 +234,6 @@ def bench(pte: Path, device: Device, runner: str | Path | None = None, opts: Ben
           tokenizer: Path | None = None, progress: bool = True) -> dict:
     """Benchmarks one .pte on an (unopened) device; returns the result record (see README)."""
     from exporter.progress import bar as progress_bar
-
     from exporter.tokenizer import Tokenizer
 
     opts = opts or BenchOptions()

@@ -12,8 +12,8 @@ import contextlib
 import os
 import re
 import shlex
-import signal
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass

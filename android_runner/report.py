@@ -76,7 +76,7 @@ def spread_table(results: list[dict]) -> str:
             continue
         s = r["summary"]
 
-        def rng(m, d):
+        def rng(m, d, s=s):
             return f"{s[m]['min']:.{d}f}-{s[m]['max']:.{d}f}" if m in s else "n/a"
 
         lines.append(f"| {r['model']['label']} | {len(r['runs'])} | {rng('decode_tok_s', 1)} | {rng('ttft_s', 3)} | "

@@ -24,7 +24,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-
 EXECUTE = "Method::execute"
 
 

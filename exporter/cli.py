@@ -9,7 +9,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -74,10 +73,10 @@ def export(
     method: str = typer.Option("ptq", "--method", "-m", help=METHOD_HELP),
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="KV cache length in the .pte (prompt + generated tokens)."),
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. spinquant calibrates on it (default: WikiText-2's validation split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data). qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model; without it qlora distills on the model's own text."),
+    calibration: Path | None = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. spinquant calibrates on it (default: WikiText-2's validation split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data). qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model; without it qlora distills on the model's own text."),
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
-    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
+    option: list[str] | None = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line: no stage lines or progress bars (the methods' training loops included)."),
 ):
     """Quantize a checkpoint with METHOD and lower it to an XNNPACK .pte."""
@@ -115,7 +114,7 @@ def generate(
     model: Path = typer.Argument(..., help="A .pte made by `ptekit export`."),
     prompt: str = typer.Option(..., "--prompt", "-p"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Default: the tokenizer named in manifest.json beside the .pte."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Default: the tokenizer named in manifest.json beside the .pte."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the tokenizer's chat template when it has one."),
 ):
     """Run a .pte on this machine through ExecuTorch's runtime (greedy decoding)."""

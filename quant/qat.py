@@ -43,7 +43,7 @@ class FakeQuantLinear(nn.Linear):
         self.register_buffer("scale", scale)
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, scale: torch.Tensor | None = None) -> "FakeQuantLinear":
+    def wrap(cls, linear: nn.Linear, scale: torch.Tensor | None = None) -> FakeQuantLinear:
         new = cls(linear.in_features, linear.out_features, getattr(linear, "hadamard", None), scale)
         new.weight = linear.weight
         return new
@@ -82,7 +82,7 @@ class FakeQuantEmbedding(nn.Embedding):
     """Looks rows up, then rounds them as the int8 per-row table will (only the rows a batch uses)."""
 
     @classmethod
-    def wrap(cls, emb: nn.Embedding) -> "FakeQuantEmbedding":
+    def wrap(cls, emb: nn.Embedding) -> FakeQuantEmbedding:
         with torch.device("meta"):
             new = cls(emb.num_embeddings, emb.embedding_dim)
         new.weight = emb.weight

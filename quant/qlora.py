@@ -83,7 +83,7 @@ class QLoRASettings:
     progress: bool = True
 
     @classmethod
-    def from_inputs(cls, inputs: MethodInputs) -> "QLoRASettings":
+    def from_inputs(cls, inputs: MethodInputs) -> QLoRASettings:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         opts = dict(inputs.options)
         values = dict(pop_preset("qlora", opts, inputs.device, PRESETS))

@@ -46,11 +46,11 @@ from exporter.atomic import atomic_dir, atomic_path
 from exporter.errors import PtekitError
 from exporter.progress import bar as progress_bar
 from quant import data, fake_quant, rotation
-from quant.method import pop_preset
 from quant.cayley import CayleySGD
 from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn
-from quant.ptq import apply_scheme
 from quant.hadamard import random_hadamard
+from quant.method import pop_preset
+from quant.ptq import apply_scheme
 
 FORMAT = "ptekit-spinquant/1"
 STATE = "rotation_state.pt"

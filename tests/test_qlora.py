@@ -329,9 +329,9 @@ def test_smollm2_qlora_recovers_90_percent_of_the_ptq_gap(smollm2_hf, wikitext_v
     with the default recipe (400 QAT + 100 LoRA steps of 8 x 512 tokens) trained on the validation text."""
     import math
 
+    import quant.bf16
     from exporter.checkpoint import load_checkpoint
     from exporter.tokenizer import Tokenizer
-    import quant.bf16
     from quant.method import MethodInputs
     from quant.ptq import apply_scheme
     from quant.qlora import quantize

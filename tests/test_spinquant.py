@@ -101,8 +101,7 @@ def test_fake_quantized_linear_equals_torchao_scheme():
     """The training loss quantizes weights and activations exactly as the .pte's torchao weights do."""
     from torchao.quantization import quantize_
 
-    from quant import scheme
-    from quant import fake_quant
+    from quant import fake_quant, scheme
 
     torch.manual_seed(0)
     lin = nn.Linear(128, 64, bias=False)
