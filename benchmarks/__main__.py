@@ -4,7 +4,8 @@ Builds every variant of one checkpoint, measures speed, size, memory and quality
 (export_llama, llama.cpp) on the same machine, and prints the model card's table. Writes
 DIR/benchmarks.json, DIR/report.md and DIR/chart.png; re-running resumes (finished steps are kept).
 
-python -m benchmarks sizes-1b      # the Llama 3.2 1B .pte sizes computed from its shape, beside Meta's
+One-off investigations (profiles, memory by stage, the 1B sizes from its shape) live in
+benchmarks/tools/, run from a checkout as `python -m benchmarks.tools.NAME`.
 """
 
 from __future__ import annotations
@@ -49,17 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--gguf", type=Path, default=None, help="the llama.cpp peer's GGUF (default for smollm2: the "
                    "embedded Q4_1 file)")
     r.add_argument("--quiet", "-q", action="store_true")
-    sub.add_parser("sizes-1b", help="Llama 3.2 1B .pte sizes and RSS parts computed from its shape, beside Meta's")
     a = ap.parse_args(argv)
 
-    if a.command == "run" and a.eval_max_tokens is None:
+    if a.eval_max_tokens is None:
         a.eval_max_tokens = 0 if a.model == RANDOM_1B else d.eval_max_tokens
     try:
-        if a.command == "sizes-1b":
-            from benchmarks.meta_1b import report
-
-            print(report())
-            return 0
         from benchmarks import report
         from benchmarks.suite import run
 

@@ -4,7 +4,7 @@ Wall time of each export (as whole processes), the two .pte sizes, and prefill/d
 both files through the same runtime (ExecuTorch's pybindings on this machine, greedy, a 64-token
 prompt of real WikiText-2 text, 128 decoded tokens, median of N runs after one warm-up).
 
-    python -m benchmarks.export_vs_export_llama [--checkpoint smollm2-135m] [--out out/vs-export-llama]
+    python -m benchmarks.tools.export_vs_export_llama [--checkpoint smollm2-135m] [--out out/vs-export-llama]
 """
 
 from __future__ import annotations
