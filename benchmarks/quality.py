@@ -40,7 +40,6 @@ WIKITEXT2_TEST = "wikitext-2-raw-test.txt"
 # or calibrates on, shipped with ptekit (benchmarks/data/README.md says what it is and its licence).
 PYTHON_DOCS = "python-docs"
 PYTHON_DOCS_FILE = Path(__file__).parent / "data" / "python-stdlib-docs.txt"
-DOMAINS = (WIKITEXT2, PYTHON_DOCS)
 # The calibration/training split (../shared/data/README.md): scoring on it flatters every
 # method that was fitted to it, so it is refused unless asked for.
 CALIBRATION_SPLIT = "wikitext-2-valid-tokens.txt"

@@ -128,13 +128,6 @@ def convert(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return int4
 
 
-def fake_quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> the weight as the forward pass sees it."""
-    with torch.no_grad():
-        return {name: m.fake_quantized_weight() for name, m in model.named_modules()
-                if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding))}
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)

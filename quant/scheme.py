@@ -58,25 +58,6 @@ def classifier_config():
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=CLASSIFIER_WEIGHT_DTYPE, weight_granularity=PerAxis(0))
 
 
-def qat_block_linear_configs():
-    """(activation, weight) fake-quantization configs matching block_linear_config, for QAT."""
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
-
-    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-    weight = IntxFakeQuantizeConfig(
-        BLOCK_WEIGHT_DTYPE, group_size=GROUP_SIZE, is_symmetric=True, scale_precision=GROUP_SCALE_DTYPE
-    )
-    return act, weight
-
-
-def qat_classifier_configs():
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
-
-    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-    weight = IntxFakeQuantizeConfig(CLASSIFIER_WEIGHT_DTYPE, "per_channel", is_symmetric=True)
-    return act, weight
-
-
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers inside the transformer blocks, by name (LoRA branches excluded)."""
     return {
