@@ -22,7 +22,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.suite import ALL_METHODS, ALL_PEERS, RANDOM_1B, SuiteOptions
+    from benchmarks.suite import ALL_PEERS, RANDOM_1B, SuiteOptions
 
     d = SuiteOptions()
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="the whole suite on one checkpoint")
     r.add_argument("--model", default=d.model, help="smollm2 (the embedded SmolLM2-135M-Instruct), llama3.2-1b-random "
                    "(Llama 3.2 1B's exact shape, random weights, the real Llama 3 tokenizer), or a checkpoint path")
-    r.add_argument("--methods", type=_csv, default=",".join(ALL_METHODS), help="comma-separated; default: all four")
+    r.add_argument("--methods", type=_csv, default=",".join(d.methods), help="comma-separated; default: every method "
+                   f"({','.join(d.methods)})")
     r.add_argument("--peers", type=_csv, default=",".join(ALL_PEERS), help="comma-separated subset of "
                    f"{','.join(ALL_PEERS)}; '' for none")
     r.add_argument("--device", default=d.device, help="'local' (this machine) or an adb serial")

@@ -7,11 +7,12 @@ from pathlib import Path
 import typer
 
 from benchmarks.quality import BATCH_TOKENS, DEFAULT_SEQ_LEN, PYTHON_DOCS, WIKITEXT2
+from quant import registry
 
 
 def eval_command(
     target: str = typer.Argument(..., help="A checkpoint (directory, .gguf, or 'smollm2-135m'), evaluated eagerly with --method applied; or a .pte, run through ExecuTorch's runtime."),
-    method: str | None = typer.Option(None, "--method", "-m", help="For a checkpoint: bf16, ptq (default, as `ptekit export`), spinquant, qlora. For a .pte it is read from manifest.json."),
+    method: str | None = typer.Option(None, "--method", "-m", help=f"For a checkpoint: {', '.join(registry.METHODS)} (default ptq, as `ptekit export`). For a .pte it is read from manifest.json."),
     reference: str | None = typer.Option(None, "--reference", help="The BF16 checkpoint to compare against, run eagerly in bf16. Default: the target checkpoint, or for a .pte the source recorded in manifest.json beside it."),
     data: str = typer.Option(WIKITEXT2, "--data", help=f"'{WIKITEXT2}' (WikiText-2's raw test split from the data directory: --data FILE, $PTEKIT_DATA, else ~/.cache/ptekit/data), '{PYTHON_DOCS}' (Python's standard-library docstrings, shipped with ptekit: technical text no method trains on) or a plain-text or JSONL file (\"text\", \"messages\", or \"prompt\"+\"response\" per line)."),
     seq_len: int = typer.Option(DEFAULT_SEQ_LEN, "--seq-len", help=f"Window length N (default {DEFAULT_SEQ_LEN}): the text is tokenized once and cut into non-overlapping windows of N tokens, each scored from position 0 (N-1 tokens predicted per window)."),

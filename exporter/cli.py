@@ -14,6 +14,7 @@ import typer
 
 from exporter.defaults import DEFAULT_MODEL
 from exporter.errors import PtekitError
+from quant import registry
 
 app = typer.Typer(
     add_completion=False,
@@ -27,13 +28,7 @@ app = typer.Typer(
     ),
 )
 
-METHOD_HELP = (
-    "bf16: unquantized baseline. ptq: round to nearest into the scheme (4-bit g32 weights + 8-bit dynamic "
-    "activations in the blocks, 8-bit classifier and embedding). spinquant: learned rotations + GPTQ. "
-    "qlora: quantization-aware training + LoRA adapters; without --data it distills the BF16 model on text "
-    "the model writes itself (recovery, on no particular domain), with --data it also trains cross-entropy on "
-    "your data (fine-tuning)."
-)
+METHOD_HELP = registry.help_text()
 
 
 @app.callback()

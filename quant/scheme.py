@@ -23,6 +23,7 @@ ACTIVATION_DTYPE = torch.int8  # per token, dynamic
 # GPTQ's error feedback and QAT's fake quantizers hold exactly the numbers the .pte holds.
 GROUP_SCALE_DTYPE = torch.bfloat16
 
+NAME = "8da4w-g32 + int8 classifier + int8 embedding"
 DESCRIPTION = {
     "block_linears": "int4 weights, symmetric, per group of 32; int8 per-token dynamic activations",
     "classifier": "int8 weights, symmetric, per output channel; int8 per-token dynamic activations",
