@@ -50,8 +50,8 @@ from torch import nn
 
 from exporter.errors import PtekitError
 from quant import lora, qat, sft_data
-from quant.method import MethodInputs, pop_preset
-from quant.train import Dist, TrainConfig, init_distributed, resolve_device, sft_objective, train
+from quant.method import MethodInputs, option_values, pop_preset
+from quant.train import Dist, TrainConfig, init_distributed, process_device, sft_objective, train
 
 TRAINED = "trained"
 
@@ -84,15 +84,11 @@ class QLoRASettings:
 
     @classmethod
     def from_inputs(cls, inputs: MethodInputs) -> QLoRASettings:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
         opts = dict(inputs.options)
         values = dict(pop_preset("qlora", opts, inputs.device, PRESETS))
         if inputs.steps is not None:
             values["qat_steps"] = values["lora_steps"] = inputs.steps
-        for key, v in opts.items():
-            if key not in fields:
-                raise PtekitError(f"qlora: unknown option {key!r}; known options: preset, {', '.join(fields)}")
-            values[key] = _coerce(key, v, fields[key].type)
+        values.update(option_values("qlora", cls, opts))
         s = cls(**values)
         for key in ("rank", "seq_len", "micro_batch", "grad_accum"):
             if getattr(s, key) < 1:
@@ -122,21 +118,6 @@ PRESETS = {
     # activation memory of 4 x 512 (BENCHMARKS.md, QAT).
     "cpu": {"qat_steps": 50, "lora_steps": 20, "lora_lr": 1e-3, "micro_batch": 2, "grad_accum": 4},
 }
-
-
-def _coerce(key: str, v, annotation: str):
-    """CLI options arrive as strings; give them the field's type ("bool | None" -> bool)."""
-    kind = annotation.split("|")[0].strip()
-    if not isinstance(v, str) or kind == "str":
-        return v
-    if kind == "bool":
-        if v.lower() not in ("true", "false", "1", "0"):
-            raise PtekitError(f"qlora: option {key}={v!r} is not true or false")
-        return v.lower() in ("true", "1")
-    try:
-        return {"int": int, "float": float}[kind](v)
-    except ValueError:
-        raise PtekitError(f"qlora: option {key}={v!r} is not a valid {kind}") from None
 
 
 def _hash(*parts) -> str:
@@ -251,7 +232,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     work = Path(inputs.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     d = init_distributed(inputs.device)
-    device = resolve_device(inputs.device, d)
+    device = process_device(inputs.device, d)
     seq_len = min(s.seq_len, model.config.max_seq_len)
     src = data_source(inputs)
 

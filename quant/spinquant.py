@@ -49,7 +49,7 @@ from quant import data, fake_quant, rotation
 from quant.cayley import CayleySGD
 from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn
 from quant.hadamard import random_hadamard
-from quant.method import pop_preset
+from quant.method import option_values, pop_preset, resolve_device
 from quant.ptq import apply_scheme
 
 FORMAT = "ptekit-spinquant/1"
@@ -99,12 +99,7 @@ PRESETS = {
 def settings_from(inputs) -> Settings:
     opts = dict(inputs.options or {})
     base = pop_preset("spinquant", opts, inputs.device, PRESETS)
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    changes = {}
-    for key, value in opts.items():
-        if key not in fields:
-            raise PtekitError(f"spinquant: unknown option {key!r}; known options: {', '.join(fields)}")
-        changes[key] = _parse(key, value, type(getattr(base, key)))
+    changes = option_values("spinquant", Settings, opts)
     if inputs.steps is not None:
         changes["iterations"] = int(inputs.steps)
     changes.setdefault("seed", inputs.seed)
@@ -115,27 +110,6 @@ def settings_from(inputs) -> Settings:
     if s.iterations < 0 or s.train_batch < 1 or s.gptq_samples < 1:
         raise PtekitError("spinquant: iterations must be >= 0, train_batch and gptq_samples >= 1")
     return s
-
-
-def _parse(key, value, kind):
-    if kind is bool and isinstance(value, str):
-        if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise PtekitError(f"spinquant: option {key}={value!r} is not a boolean (true/false)")
-        return value.lower() in ("1", "true", "yes", "on")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise PtekitError(f"spinquant: option {key}={value!r} is not a {kind.__name__}") from None
-
-
-def resolve_device(device: str) -> str:
-    if str(device).startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise PtekitError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
-        return str(device)
-    if device != "cpu":
-        raise PtekitError(f"--device {device}: unknown device; use cpu or cuda")
-    return "cpu"
 
 
 # --- the training loss ------------------------------------------------------------------------------

@@ -73,3 +73,47 @@ def test_an_unknown_method_names_the_registered_ones():
 
     with pytest.raises(PtekitError, match="unknown method 'awq'; choose one of bf16, ptq, spinquant, qlora"):
         registry.get("awq")
+
+
+# --- what every method shares (quant/method.py) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["spinquant", "qlora"])
+def test_every_method_reads_options_by_one_rule(name, tmp_path):
+    from exporter.errors import PtekitError
+    from quant.method import MethodInputs, option_values
+
+    cls = registry.get(name).settings_class()
+    flag = "r4" if name == "spinquant" else "recompute_activations"
+    for word, value in (("yes", True), ("on", True), ("1", True), ("False", False), ("off", False), ("no", False)):
+        assert option_values(name, cls, {flag: word}) == {flag: value}
+    with pytest.raises(PtekitError, match=rf"^{name}: option {flag}='maybe' is not a boolean"):
+        option_values(name, cls, {flag: "maybe"})
+    number = "iterations" if name == "spinquant" else "rank"
+    assert option_values(name, cls, {number: "7"}) == {number: 7}
+    with pytest.raises(PtekitError, match=rf"^{name}: option {number}='x' is not an int$"):
+        option_values(name, cls, {number: "x"})
+    with pytest.raises(PtekitError, match=rf"^{name}: unknown option 'nope'; known options: preset, "):
+        option_values(name, cls, {"nope": "1"})
+    presets = registry.get(name).preset_table()
+    from quant.method import pop_preset
+
+    assert pop_preset(name, {}, MethodInputs(work_dir=tmp_path, device="cpu").device, presets) == presets["cpu"]
+    assert pop_preset(name, {}, "cuda", presets) == presets["paper"]
+
+
+def test_one_device_rule():
+    import torch
+
+    from exporter.errors import PtekitError
+    from quant.method import resolve_device
+    from quant.train import Dist, process_device
+
+    assert resolve_device("cpu") == "cpu" and process_device("cpu", Dist()) == torch.device("cpu")
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(PtekitError, match="--device tpu: unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        for f in (resolve_device, lambda d: process_device(d, Dist())):
+            with pytest.raises(PtekitError, match="--device cuda: no CUDA GPU is visible to torch here"):
+                f("cuda")
