@@ -95,3 +95,14 @@ def resolve_device(device: str) -> str:
     if device != "cpu":
         raise PtekitError(f"--device {device}: unknown device; use auto, cpu or cuda")
     return "cpu"
+
+
+def update_with_weights(h, model):
+    """Feeds every tensor of the model's state_dict (name, then raw bytes, in name order) to the
+    hash h; returns h. What a method's resume fingerprints say about the weights."""
+    import torch
+
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+    return h

@@ -49,8 +49,9 @@ import torch
 from torch import nn
 
 from exporter.errors import PtekitError
+from exporter.manifest import file_sha256
 from quant import lora, qat, sft_data
-from quant.method import MethodInputs, option_values, pop_preset
+from quant.method import MethodInputs, option_values, pop_preset, update_with_weights
 from quant.train import Dist, TrainConfig, init_distributed, process_device, sft_objective, train
 
 TRAINED = "trained"
@@ -125,11 +126,7 @@ def _hash(*parts) -> str:
 
 
 def weights_hash(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return update_with_weights(hashlib.sha256(), model).hexdigest()[:16]
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -150,7 +147,7 @@ def data_id(src, s: QLoRASettings, seed: int) -> str:
     p = Path(src)
     if not p.is_file():
         raise PtekitError(f"{p}: training data file not found; pass an existing file with --data, or --data self")
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return file_sha256(p)[:16]
 
 
 def training_windows(src, inputs: MethodInputs, s: QLoRASettings, seq_len: int, teacher: nn.Module,

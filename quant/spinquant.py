@@ -44,12 +44,13 @@ from tqdm import tqdm
 
 from exporter.atomic import atomic_dir, atomic_path
 from exporter.errors import PtekitError
+from exporter.manifest import update_with_file
 from exporter.progress import bar as progress_bar
 from quant import data, fake_quant, rotation
 from quant.cayley import CayleySGD
 from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn
 from quant.hadamard import random_hadamard
-from quant.method import option_values, pop_preset, resolve_device
+from quant.method import option_values, pop_preset, resolve_device, update_with_weights
 from quant.ptq import apply_scheme
 
 FORMAT = "ptekit-spinquant/1"
@@ -338,12 +339,9 @@ TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "tr
 
 def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str]:
     """(rotations, result): hashes of the weights, the calibration text and the settings each depends on."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+    h = update_with_weights(hashlib.sha256(), model)
     if calibration is not None:
-        h.update(Path(calibration).read_bytes())
+        update_with_file(h, Path(calibration))
     settings = dataclasses.asdict(s)
     out = []
     for keys in (TRAINING_FIELDS, tuple(settings)):
