@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from exporter import log
 from exporter.errors import PtekitError
 
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                    "embedded Q4_1 file)")
     r.add_argument("--quiet", "-q", action="store_true")
     a = ap.parse_args(argv)
+    log.setup()
 
     if a.eval_max_tokens is None:
         a.eval_max_tokens = 0 if a.model == RANDOM_1B else d.eval_max_tokens

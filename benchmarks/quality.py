@@ -30,11 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from exporter import log
 from exporter.atomic import write_text
 from exporter.defaults import CALIBRATION_FILE, WIKITEXT2_FILES, WIKITEXT2_TEST
 from exporter.errors import PtekitError
 from quant import registry
 
+_log = log.get(__name__)
 DEFAULT_SEQ_LEN = 512
 WIKITEXT2 = "wikitext2"
 # The second domain every quality table reports: technical reference text that no method trains
@@ -294,10 +296,12 @@ def _load_pte(opts: EvalOptions, echo):
 # --- the evaluation ----------------------------------------------------------------------------
 
 
-def evaluate(opts: EvalOptions, echo=lambda s: print(s, file=sys.stderr)) -> dict:
-    """Scores the target against the BF16 reference; returns the JSON record."""
+def evaluate(opts: EvalOptions, echo=None) -> dict:
+    """Scores the target against the BF16 reference; returns the JSON record. echo: where the
+    stage lines go (default: this module's logger)."""
     from exporter.manifest import file_sha256, tool_versions
 
+    echo = echo or _log.info
     t_start, cpu_start = time.perf_counter(), time.process_time()
     data_path = resolve_data(opts.data, opts.allow_calibration_data)
     text = read_text(data_path)

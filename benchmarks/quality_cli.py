@@ -29,15 +29,17 @@ def eval_command(
 ):
     """Perplexity, KL divergence from the BF16 model, and top-1 agreement with it, each with its standard error over windows."""
     from benchmarks.quality import EvalOptions, evaluate, summary_line, write_record
+    from exporter import log
     from exporter.progress import set_quiet
     from quant.method import parse_options
 
     set_quiet(quiet)
+    log.setup(quiet)
     opts = EvalOptions(target=target, method=method, reference=reference, data=data, seq_len=seq_len,
                        max_tokens=max_tokens, allow_calibration_data=allow_calibration_data, work_dir=work_dir,
                        steps=steps, device=device, options=parse_options(option), batch_tokens=batch_tokens,
                        exact_eager=exact_eager, progress=not quiet)
-    record = evaluate(opts, echo=(lambda s: None) if quiet else (lambda s: typer.echo(s, err=True)))
+    record = evaluate(opts)
     if json_out is not None:
         write_record(json_out, record)
     typer.echo(summary_line(record))

@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from exporter import log
 from exporter.atomic import ensure_writable_dir, write_text
 from exporter.errors import PtekitError
 from quant import registry
 
+_log = log.get(__name__)
 REPO = Path(__file__).resolve().parent.parent
 FORMAT = "ptekit-benchmarks/1"
 ALL_PEERS = ("export_llama", "llamacpp")
@@ -63,7 +65,7 @@ class SuiteOptions:
     steps: int | None = None  # spinquant/qlora optimization steps (None: the method's default)
     gguf: Path | None = None  # the llama.cpp peer's GGUF (default for smollm2: the embedded one)
     progress: bool = True
-    echo: object = field(default=lambda s: print(s, file=sys.stderr, flush=True), repr=False)
+    echo: object = field(default=lambda s: _log.info(s), repr=False)
 
     def check(self):
         for m in self.methods:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import typer
 
+from exporter import log
 from exporter.defaults import DEFAULT_MODEL
 from exporter.errors import PtekitError
 from quant import registry
 
+_log = log.get(__name__)
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -35,6 +37,7 @@ METHOD_HELP = registry.help_text()
 def root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' own logging (ExecuTorch's and the tokenizer's C++ lines, Python warnings).")):
     from exporter.quiet import quiet_libraries, silence_native_stderr
 
+    log.setup()
     if not verbose:
         quiet_libraries()
         silence_native_stderr()
@@ -50,11 +53,11 @@ class Stages:
         self._close()
         self.name, self.t = name, time.perf_counter()
         if not self.quiet:
-            typer.echo(f"- {name} ...", err=True)
+            _log.info(f"- {name} ...")
 
     def _close(self):
         if self.name and not self.quiet:
-            typer.echo(f"  {self.name}: {time.perf_counter() - self.t:.1f} s", err=True)
+            _log.info(f"  {self.name}: {time.perf_counter() - self.t:.1f} s")
 
     def done(self):
         self._close()
@@ -80,6 +83,7 @@ def export(
     from quant.method import parse_options
 
     set_quiet(quiet)
+    log.setup(quiet)
     stages = Stages(quiet)
     res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method,
                      calibration=calibration, device=device, steps=steps, options=parse_options(option),
