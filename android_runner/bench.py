@@ -23,13 +23,13 @@ from android_runner.device import AdbDevice, Device
 from android_runner.prompt import benchmark_prompt
 from android_runner.runner import write_host_runner
 from exporter.errors import PtekitError
+from quant import registry
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 SAMPLER, FACTS = "rss_sampler.sh", "device_facts.sh"
 RUNNER_NAME = "llama_main"
 FORMAT = "ptekit-bench/1"
 METRICS = ("decode_tok_s", "ttft_s", "prefill_tok_s", "peak_rss_mib", "rss_anon_mib", "rss_file_mib", "model_load_s")
-METHOD_LABELS = {"bf16": "BF16", "ptq": "PTQ", "spinquant": "SpinQuant", "qlora": "QAT+LoRA"}
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm", 0x03: "x86"}
 
 
@@ -92,7 +92,7 @@ def describe_model(pte: Path, tokenizer: Path | None = None) -> dict:
     method = man.get("method") if man else None
     params = man.get("model", {}).get("parameters") if man else None
     size_label = (f"{params / 1e9:.0f}B" if params >= 1e9 else f"{params / 1e6:.0f}M") if params else pte.stem
-    label = f"{size_label} {METHOD_LABELS.get(method, method)}" if method else pte.name
+    label = f"{size_label} {registry.label(method)}" if method else pte.name
     return {
         "path": str(pte.resolve()),
         "label": label,
@@ -234,7 +234,6 @@ def bench(pte: Path, device: Device, runner: str | Path | None = None, opts: Ben
           tokenizer: Path | None = None, progress: bool = True) -> dict:
     """Benchmarks one .pte on an (unopened) device; returns the result record (see README)."""
     from exporter.progress import bar as progress_bar
-
     from exporter.tokenizer import Tokenizer
 
     opts = opts or BenchOptions()

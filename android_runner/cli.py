@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -11,10 +10,10 @@ from exporter.errors import PtekitError
 
 
 def bench(
-    models: List[Path] = typer.Argument(..., metavar="MODEL.pte...", help=".pte files made by `ptekit export`; with a bf16 one among them, the table shows the others relative to it."),
-    device: Optional[str] = typer.Option(None, "--device", "-d", help="An adb serial, or 'local' for this machine. Default: the one device `adb devices` lists."),
-    runner: Optional[str] = typer.Option(None, "--runner", help="ExecuTorch's llama_main built for the device (android_runner/README.md says how), or 'host': ptekit's runner with the same flags on ExecuTorch's Python bindings (the default for --device local, and what an emulated adb device runs)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Default: the tokenizer named in manifest.json beside the .pte."),
+    models: list[Path] = typer.Argument(..., metavar="MODEL.pte...", help=".pte files made by `ptekit export`; with a bf16 one among them, the table shows the others relative to it."),
+    device: str | None = typer.Option(None, "--device", "-d", help="An adb serial, or 'local' for this machine. Default: the one device `adb devices` lists."),
+    runner: str | None = typer.Option(None, "--runner", help="ExecuTorch's llama_main built for the device (android_runner/README.md says how), or 'host': ptekit's runner with the same flags on ExecuTorch's Python bindings (the default for --device local, and what an emulated adb device runs)."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Default: the tokenizer named in manifest.json beside the .pte."),
     prompt_len: int = typer.Option(64, "--prompt-len", help="Prompt length in tokens (WikiText-2 text, checked after tokenization); the model card uses 64."),
     gen: int = typer.Option(128, "--gen", help="Tokens to generate per run."),
     runs: int = typer.Option(5, "--runs", help="Measured runs; the table shows their median."),
@@ -22,8 +21,8 @@ def bench(
     threads: int = typer.Option(-1, "--threads", help="llama_main's --cpu_threads; -1: its default (the performance cores)."),
     cooldown: float = typer.Option(0.0, "--cooldown", help="Seconds to wait between runs so a phone starts each run cool."),
     timeout: float = typer.Option(900.0, "--timeout", help="Seconds one run may take."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every run and the summary here (JSON)."),
-    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the model-card table here."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every run and the summary here (JSON)."),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the model-card table here."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Decode and prefill tokens/s, time to first token, .pte size and peak RSS of .pte files,

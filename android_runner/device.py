@@ -12,8 +12,8 @@ import contextlib
 import os
 import re
 import shlex
-import signal
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -353,9 +353,3 @@ def _last_line(p) -> str:
     lines = [line.strip() for line in ((p.stderr or "") + "\n" + (p.stdout or "")).splitlines() if line.strip()]
     return lines[-1] if lines else f"exit {p.returncode}"
 
-
-def open_device(spec: str | None) -> Device:
-    """'local' -> this machine; a serial -> that adb device; None -> the one attached adb device."""
-    dev = LocalDevice() if spec == "local" else AdbDevice(serial=spec)
-    dev.open()
-    return dev

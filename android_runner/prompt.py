@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.defaults import data_file
+from exporter.defaults import WIKITEXT2_TEST, data_file
 from exporter.errors import PtekitError
 from exporter.tokenizer import Tokenizer
 
-WIKITEXT_TEST = "wikitext-2-raw-test.txt"
-
 
 def default_text() -> Path:
-    return data_file(WIKITEXT_TEST)
+    return data_file(WIKITEXT2_TEST)
 
 
 def paragraphs(text: str):

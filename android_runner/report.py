@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from exporter.atomic import write_files
+from quant import registry
 
 COLUMNS = ("Model", "Decode (tokens/sec)", "Time-to-first-token (sec)", "Prefill (tokens/sec)",
            "Model size (PTE file size in MiB)", "Memory size (RSS in MiB)")
@@ -50,7 +51,7 @@ def markdown_table(results: list[dict]) -> str:
     results = [r for r in results if r["runs"]]
     if not results:
         return "(no finished runs)\n"
-    baseline = next((r for r in results if r["model"].get("method") == "bf16"), None)
+    baseline = next((r for r in results if r["model"].get("method") == registry.BASELINE), None)
     base = _cells(baseline) if baseline and len(results) > 1 else {}
     lines = ["| " + " | ".join(COLUMNS) + " |", "| :---- | ----: | ----: | ----: | ----: | ----: |"]
     for r in results:
@@ -76,7 +77,7 @@ def spread_table(results: list[dict]) -> str:
             continue
         s = r["summary"]
 
-        def rng(m, d):
+        def rng(m, d, s=s):
             return f"{s[m]['min']:.{d}f}-{s[m]['max']:.{d}f}" if m in s else "n/a"
 
         lines.append(f"| {r['model']['label']} | {len(r['runs'])} | {rng('decode_tok_s', 1)} | {rng('ttft_s', 3)} | "

@@ -4,7 +4,8 @@ Builds every variant of one checkpoint, measures speed, size, memory and quality
 (export_llama, llama.cpp) on the same machine, and prints the model card's table. Writes
 DIR/benchmarks.json, DIR/report.md and DIR/chart.png; re-running resumes (finished steps are kept).
 
-python -m benchmarks sizes-1b      # the Llama 3.2 1B .pte sizes computed from its shape, beside Meta's
+One-off investigations (profiles, memory by stage, the 1B sizes from its shape) live in
+benchmarks/tools/, run from a checkout as `python -m benchmarks.tools.NAME`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from exporter import log
 from exporter.errors import PtekitError
 
 
@@ -21,7 +23,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.suite import ALL_METHODS, ALL_PEERS, RANDOM_1B, SuiteOptions
+    from benchmarks.suite import ALL_PEERS, RANDOM_1B, SuiteOptions
 
     d = SuiteOptions()
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="the whole suite on one checkpoint")
     r.add_argument("--model", default=d.model, help="smollm2 (the embedded SmolLM2-135M-Instruct), llama3.2-1b-random "
                    "(Llama 3.2 1B's exact shape, random weights, the real Llama 3 tokenizer), or a checkpoint path")
-    r.add_argument("--methods", type=_csv, default=",".join(ALL_METHODS), help="comma-separated; default: all four")
+    r.add_argument("--methods", type=_csv, default=",".join(d.methods), help="comma-separated; default: every method "
+                   f"({','.join(d.methods)})")
     r.add_argument("--peers", type=_csv, default=",".join(ALL_PEERS), help="comma-separated subset of "
                    f"{','.join(ALL_PEERS)}; '' for none")
     r.add_argument("--device", default=d.device, help="'local' (this machine) or an adb serial")
@@ -49,17 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--gguf", type=Path, default=None, help="the llama.cpp peer's GGUF (default for smollm2: the "
                    "embedded Q4_1 file)")
     r.add_argument("--quiet", "-q", action="store_true")
-    sub.add_parser("sizes-1b", help="Llama 3.2 1B .pte sizes and RSS parts computed from its shape, beside Meta's")
     a = ap.parse_args(argv)
+    log.setup()
 
-    if a.command == "run" and a.eval_max_tokens is None:
+    if a.eval_max_tokens is None:
         a.eval_max_tokens = 0 if a.model == RANDOM_1B else d.eval_max_tokens
     try:
-        if a.command == "sizes-1b":
-            from benchmarks.meta_1b import report
-
-            print(report())
-            return 0
         from benchmarks import report
         from benchmarks.suite import run
 

@@ -30,22 +30,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from exporter import log
 from exporter.atomic import write_text
+from exporter.defaults import CALIBRATION_FILE, WIKITEXT2_FILES, WIKITEXT2_TEST
 from exporter.errors import PtekitError
+from quant import registry
 
+_log = log.get(__name__)
 DEFAULT_SEQ_LEN = 512
 WIKITEXT2 = "wikitext2"
-WIKITEXT2_TEST = "wikitext-2-raw-test.txt"
 # The second domain every quality table reports: technical reference text that no method trains
 # or calibrates on, shipped with ptekit (benchmarks/data/README.md says what it is and its licence).
 PYTHON_DOCS = "python-docs"
 PYTHON_DOCS_FILE = Path(__file__).parent / "data" / "python-stdlib-docs.txt"
-DOMAINS = (WIKITEXT2, PYTHON_DOCS)
 # The calibration/training split (../shared/data/README.md): scoring on it flatters every
 # method that was fitted to it, so it is refused unless asked for.
-CALIBRATION_SPLIT = "wikitext-2-valid-tokens.txt"
-CALIBRATION_SHA256 = "e24057b96f875e4ac4a5f347fa6c64438ef8322b6e41abb4d187ef0d4e150505"
-REFERENCE_METHOD = "bf16"
+CALIBRATION_SPLIT = CALIBRATION_FILE
+CALIBRATION_SHA256 = WIKITEXT2_FILES[CALIBRATION_FILE]
+REFERENCE_METHOD = registry.BASELINE
 # Eager windows per forward: about this many tokens at once (the logits alone are
 # tokens x vocab x 4 bytes per model: 0.4 GB for SmolLM2 at 2048).
 BATCH_TOKENS = 2048
@@ -95,34 +97,10 @@ def resolve_data(spec: str, allow_calibration: bool = False) -> Path:
 
 
 def read_text(path: Path) -> str:
-    """Plain text as it is, or JSONL: one object a line with `text`, `messages`, or `prompt`+`response`."""
-    try:
-        raw = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise PtekitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); pass a plain-text or JSONL file") from None
-    if Path(path).suffix == ".jsonl":
-        raw = "\n\n".join(_jsonl_text(path, i, line) for i, line in enumerate(raw.splitlines(), 1) if line.strip())
-    if not raw.strip():
-        raise PtekitError(f"{path}: no text to evaluate on; pass a file with text in it")
-    return raw
+    """The evaluation text, by the rules every text file follows (quant.data.read_text)."""
+    from quant.data import read_text as read
 
-
-def _jsonl_text(path: Path, lineno: int, line: str) -> str:
-    where = f"{path}:{lineno}"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise PtekitError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-    if isinstance(obj, dict):
-        if isinstance(obj.get("text"), str):
-            return obj["text"]
-        msgs = obj.get("messages")
-        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
-            return "\n".join(m["content"] for m in msgs)
-        if isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
-            return obj["prompt"] + "\n" + obj["response"]
-    raise PtekitError(f"{where}: expected an object with a \"text\" string, a \"messages\" list of "
-                      "{\"role\", \"content\"}, or \"prompt\" and \"response\" strings")
+    return read(path, "data file", "--data")
 
 
 def make_windows(ids: list[int], seq_len: int, max_tokens: int | None, source: Path) -> torch.Tensor:
@@ -318,10 +296,12 @@ def _load_pte(opts: EvalOptions, echo):
 # --- the evaluation ----------------------------------------------------------------------------
 
 
-def evaluate(opts: EvalOptions, echo=lambda s: print(s, file=sys.stderr)) -> dict:
-    """Scores the target against the BF16 reference; returns the JSON record."""
+def evaluate(opts: EvalOptions, echo=None) -> dict:
+    """Scores the target against the BF16 reference; returns the JSON record. echo: where the
+    stage lines go (default: this module's logger)."""
     from exporter.manifest import file_sha256, tool_versions
 
+    echo = echo or _log.info
     t_start, cpu_start = time.perf_counter(), time.process_time()
     data_path = resolve_data(opts.data, opts.allow_calibration_data)
     text = read_text(data_path)

@@ -12,8 +12,8 @@ from pathlib import Path
 from benchmarks import sizes
 from benchmarks.roofline import bytes_per_token, entry
 from exporter.config import ModelConfig
+from quant import registry
 
-LABELS = {"bf16": "BF16", "ptq": "PTQ", "spinquant": "SpinQuant", "qlora": "QAT+LoRA"}
 MIB = 2**20
 
 
@@ -42,18 +42,19 @@ def cells(bench: dict) -> dict:
 
 def model_card_table(record: dict) -> str:
     methods = record["methods"]
-    base = cells(methods["bf16"]["bench"]) if "bf16" in methods and len(methods) > 1 else {}
+    baseline = registry.BASELINE
+    base = cells(methods[baseline]["bench"]) if baseline in methods and len(methods) > 1 else {}
     lines = ["| Model | Decode (tokens/sec) | Time-to-first-token (sec) | Prefill (tokens/sec) | Model size (PTE file "
              "size in MiB) | Memory size (RSS in MiB) | Perplexity (WikiText-2) | KL vs BF16 | Top-1 agreement | "
              "Export wall / CPU (s) |",
              "| :---- | ----: | ----: | ----: | ----: | ----: | ----: | ----: | ----: | ----: |"]
     for method, e in methods.items():
         c = cells(e["bench"])
-        rel = {} if method == "bf16" else base
+        rel = {} if method == baseline else base
         q = (e.get("quality") or {}).get("metrics")
         ppl = "n/a" if not q else f"{q['perplexity']['value']:.3f}" + (
             f" (±{q['perplexity']['value'] * q['nll']['se']:.3f})" if q["nll"].get("se") else "")
-        label = f"{record['model']} {LABELS.get(method, method)}" + (" (baseline)" if method == "bf16" and base else "")
+        label = f"{record['model']} {registry.label(method)}" + (" (baseline)" if method == baseline and base else "")
         lines.append("| " + " | ".join([
             label, _speed(c["decode"], rel.get("decode")), _change(c["ttft"], rel.get("ttft"), 3),
             _speed(c["prefill"], rel.get("prefill")), _change(c["size"], rel.get("size"), 1),
@@ -206,7 +207,7 @@ def chart(record: dict, path: Path) -> None:
     names, decode, size, rss = [], [], [], []
     for method, e in record["methods"].items():
         c = cells(e["bench"])
-        names.append(f"ptekit\n{LABELS.get(method, method)}")
+        names.append(f"ptekit\n{registry.label(method)}")
         decode.append(c["decode"] or 0), size.append(c["size"]), rss.append(c["rss"] or 0)
     for r in peer_rows(record)[1:]:
         runtime, _, what = r["name"].split(" (")[0].partition(" ")

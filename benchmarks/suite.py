@@ -23,12 +23,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from exporter import log
 from exporter.atomic import ensure_writable_dir, write_text
 from exporter.errors import PtekitError
+from quant import registry
 
+_log = log.get(__name__)
 REPO = Path(__file__).resolve().parent.parent
 FORMAT = "ptekit-benchmarks/1"
-ALL_METHODS = ("bf16", "ptq", "spinquant", "qlora")
 ALL_PEERS = ("export_llama", "llamacpp")
 RANDOM_1B = "llama3.2-1b-random"
 MODELS = {"smollm2": "smollm2-135m", "smollm2-135m": "smollm2-135m", RANDOM_1B: RANDOM_1B}
@@ -47,7 +49,7 @@ SIZE_RUN_OPTIONS = {
 @dataclass
 class SuiteOptions:
     model: str = "smollm2"  # smollm2 | llama3.2-1b-random | a checkpoint path
-    methods: tuple[str, ...] = ALL_METHODS
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(registry.METHODS))  # every registered method
     peers: tuple[str, ...] = ALL_PEERS
     device: str = "local"  # 'local' or an adb serial
     runner: str | None = None  # llama_main for a phone; None: the host runner
@@ -63,17 +65,12 @@ class SuiteOptions:
     steps: int | None = None  # spinquant/qlora optimization steps (None: the method's default)
     gguf: Path | None = None  # the llama.cpp peer's GGUF (default for smollm2: the embedded one)
     progress: bool = True
-    echo: object = field(default=lambda s: print(s, file=sys.stderr, flush=True), repr=False)
+    echo: object = field(default=lambda s: _log.info(s), repr=False)
 
     def check(self):
-        from exporter.pipeline import method_table
-
-        table = method_table()
         for m in self.methods:
-            if m not in table:
-                known = ", ".join(table)
-                raise PtekitError(f"--methods {m}: not a method here (known: {known}); "
-                                  f"spinquant and qlora appear once quant/{m}.py exists")
+            if m not in registry.METHODS:
+                raise PtekitError(f"--methods {m}: not a method here (known: {', '.join(registry.METHODS)})")
         for p in self.peers:
             if p not in ALL_PEERS:
                 raise PtekitError(f"--peers {p}: unknown peer; choose from {', '.join(ALL_PEERS)}")
@@ -159,7 +156,7 @@ def export_cmd(checkpoint: str, out: Path, method: str, opts: SuiteOptions) -> l
            "--max-seq-len", str(opts.max_seq_len), "--quiet"]
     if opts.eval_max_tokens:
         cmd.append("--eval-method")  # so `ptekit eval` scores the file in windows; +a few KB
-    if opts.steps is not None and method in ("spinquant", "qlora"):
+    if opts.steps is not None and registry.get(method).trains:
         cmd += ["--steps", str(opts.steps)]
     if opts.model == RANDOM_1B:
         for option in SIZE_RUN_OPTIONS.get(method, ()):

@@ -16,8 +16,8 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from exporter.errors import PtekitError
 

@@ -36,11 +36,11 @@ class Checkpoint:
         return tuple(sorted(set(self.eos_ids) | set(tokenizer_eos_ids)))
 
     def sha256(self) -> str:
+        from exporter.manifest import update_with_file
+
         h = hashlib.sha256()
         for f in sorted(self.files):
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    h.update(chunk)
+            update_with_file(h, f)
         return h.hexdigest()
 
 

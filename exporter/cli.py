@@ -9,13 +9,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
+from exporter import log
 from exporter.defaults import DEFAULT_MODEL
 from exporter.errors import PtekitError
+from quant import registry
 
+_log = log.get(__name__)
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -28,20 +30,14 @@ app = typer.Typer(
     ),
 )
 
-METHOD_HELP = (
-    "bf16: unquantized baseline. ptq: round to nearest into the scheme (4-bit g32 weights + 8-bit dynamic "
-    "activations in the blocks, 8-bit classifier and embedding). spinquant: learned rotations + GPTQ. "
-    "qlora: quantization-aware training + LoRA adapters, starting from Hadamard-rotated GPTQ weights "
-    "(-O rotation=none: from the checkpoint's); without --data it distills the BF16 model on text the model "
-    "writes itself (recovery, on no particular domain), with --data it also trains cross-entropy on your "
-    "data (fine-tuning)."
-)
+METHOD_HELP = registry.help_text()
 
 
 @app.callback()
 def root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' own logging (ExecuTorch's and the tokenizer's C++ lines, Python warnings).")):
     from exporter.quiet import quiet_libraries, silence_native_stderr
 
+    log.setup()
     if not verbose:
         quiet_libraries()
         silence_native_stderr()
@@ -57,11 +53,11 @@ class Stages:
         self._close()
         self.name, self.t = name, time.perf_counter()
         if not self.quiet:
-            typer.echo(f"- {name} ...", err=True)
+            _log.info(f"- {name} ...")
 
     def _close(self):
         if self.name and not self.quiet:
-            typer.echo(f"  {self.name}: {time.perf_counter() - self.t:.1f} s", err=True)
+            _log.info(f"  {self.name}: {time.perf_counter() - self.t:.1f} s")
 
     def done(self):
         self._close()
@@ -75,10 +71,10 @@ def export(
     method: str = typer.Option("ptq", "--method", "-m", help=METHOD_HELP),
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="KV cache length in the .pte (prompt + generated tokens)."),
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. spinquant calibrates on it (default: WikiText-2's validation split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data). qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model; without it qlora distills on the model's own text."),
+    calibration: Path | None = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. spinquant calibrates on it (default: WikiText-2's validation split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data). qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model; without it qlora distills on the model's own text."),
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
-    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rotation=hadamard|none, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
+    option: list[str] | None = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rotation=hadamard|none, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line: no stage lines or progress bars (the methods' training loops included)."),
 ):
     """Quantize a checkpoint with METHOD and lower it to an XNNPACK .pte."""
@@ -87,6 +83,7 @@ def export(
     from quant.method import parse_options
 
     set_quiet(quiet)
+    log.setup(quiet)
     stages = Stages(quiet)
     res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method,
                      calibration=calibration, device=device, steps=steps, options=parse_options(option),
@@ -116,7 +113,7 @@ def generate(
     model: Path = typer.Argument(..., help="A .pte made by `ptekit export`."),
     prompt: str = typer.Option(..., "--prompt", "-p"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Default: the tokenizer named in manifest.json beside the .pte."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Default: the tokenizer named in manifest.json beside the .pte."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the tokenizer's chat template when it has one."),
 ):
     """Run a .pte on this machine through ExecuTorch's runtime (greedy decoding)."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 
 from exporter.atomic import atomic_dir
 from exporter.checkpoint import meta_to_hf_name, permute_meta_to_hf
-from exporter.config import SIZE, NUMBER, ConfigReader, ModelConfig, RopeScaling, build_config, to_hf_config
+from exporter.config import NUMBER, SIZE, ConfigReader, ModelConfig, RopeScaling, build_config, to_hf_config
 from exporter.errors import PtekitError
 from exporter.progress import bar as progress_bar
 

@@ -7,12 +7,14 @@ ExecuTorch's LLM runner reads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
 
 import torch
 
+from exporter import log
 from exporter.model import Transformer
 from exporter.runtime import EVAL_METHOD
 
@@ -112,9 +114,9 @@ def to_pte_bytes(programs: dict, md: dict, bf16: bool = False, advance=lambda na
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore")
-        logging.getLogger().setLevel(logging.WARNING)
+        stack.enter_context(log.level(None, logging.WARNING))  # the root logger, for lowering only
         advance("to_edge_transform_and_lower (XNNPACK)")
         edge = to_edge_transform_and_lower(
             programs,

@@ -24,11 +24,15 @@ def tool_versions() -> dict:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    return update_with_file(hashlib.sha256(), path).hexdigest()
+
+
+def update_with_file(h, path: Path):
+    """Feeds the file's bytes to the hash h, 4 MiB at a time; returns h."""
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
-    return h.hexdigest()
+    return h
 
 
 def write_manifest(out_dir: Path, record: dict) -> Path:

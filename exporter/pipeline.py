@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -21,23 +22,10 @@ from exporter.defaults import resolve_checkpoint_arg
 from exporter.errors import PtekitError
 from exporter.lower import LowerOptions, lower
 from exporter.tokenizer import Tokenizer
+from quant import registry
 from quant.method import MethodInputs
 
 PTE_NAME = "model.pte"
-
-
-def method_table() -> dict[str, Callable]:
-    """Method name -> quantize(model, inputs). A new method is one more line here."""
-    import quant.bf16
-    import quant.ptq
-
-    table = {"bf16": quant.bf16.quantize, "ptq": quant.ptq.quantize}
-    for name, module in (("spinquant", "quant.spinquant"), ("qlora", "quant.qlora")):
-        try:
-            table[name] = __import__(module, fromlist=["quantize"]).quantize
-        except ImportError:
-            pass
-    return table
 
 
 @dataclass
@@ -53,9 +41,7 @@ def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[T
     """Loads the checkpoint and applies the method: (Checkpoint, tokenizer, quantized model)."""
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise PtekitError(f"--max-seq-len {max_seq_len}: the KV cache needs at least 2 positions (prompt + one token)")
-    table = method_table()
-    if method not in table:
-        raise PtekitError(f"unknown method {method!r}; choose one of {', '.join(table)}")
+    spec = registry.get(method)
     stage("load checkpoint")
     ckpt = load_checkpoint(resolve_checkpoint_arg(str(checkpoint)))
     if ckpt.tokenizer_path is None:
@@ -63,17 +49,9 @@ def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[T
     tok = Tokenizer(ckpt.tokenizer_path)
     model = build_model(ckpt, max_seq_len=max_seq_len)
     stage(f"quantize ({method})")
-    with torch.no_grad() if method in ("bf16", "ptq") else _null():
-        model = table[method](model, inputs_for(tok))
+    with nullcontext() if spec.trains else torch.no_grad():
+        model = spec.quantize()(model, inputs_for(tok))
     return ckpt, tok, model
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int = 2048, eval_method: bool = False,
@@ -152,7 +130,9 @@ def _write_pte(path: Path, data: bytes) -> None:
 def _scheme_record(method: str) -> dict:
     from quant import scheme
 
-    return {"name": "bf16 (unquantized)"} if method == "bf16" else {"name": "8da4w-g32 + int8 classifier + int8 embedding", **scheme.DESCRIPTION}
+    if not registry.get(method).quantized:
+        return {"name": f"{method} (unquantized)"}
+    return {"name": scheme.NAME, **scheme.DESCRIPTION}
 
 
 def _tokenizer_names(ckpt: Checkpoint) -> list[str]:

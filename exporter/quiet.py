@@ -17,11 +17,14 @@ from contextlib import contextmanager
 _devnull = None  # set by silence_native_stderr
 
 
+# The libraries whose Python warnings (deprecations, experimental-API notices) a user of ptekit cannot
+# act on, matched against the module that issues the warning; warnings from anywhere else still show.
+LIBRARY_MODULES = r"(torch|torchao|executorch)(\..*)?$"
+
+
 def quiet_libraries() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", module=LIBRARY_MODULES)
     for name in ("torchao", "torch", "executorch", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

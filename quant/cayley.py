@@ -64,7 +64,3 @@ def nearest_orthogonal(x: torch.Tensor) -> torch.Tensor:
     u, _, vh = torch.linalg.svd(x)
     return u @ vh
 
-
-def orthogonality_error(x: torch.Tensor) -> float:
-    eye = torch.eye(x.shape[-1], dtype=torch.float64, device=x.device)
-    return (x.double().transpose(-1, -2) @ x.double() - eye).abs().max().item()

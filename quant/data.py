@@ -1,10 +1,15 @@
-"""Calibration text -> token windows for training rotations and for GPTQ.
+"""Text files -> token windows: the one reader of calibration, training and evaluation text.
 
-A file is plain text, or JSONL whose lines are objects with a "text" field (other string fields
-are joined when there is none). The whole file is tokenized once, as one stream, and cut into
-non-overlapping windows; which windows a run uses is drawn from a seed, so a run is reproducible
-and a resumed run sees the same batches. The default is WikiText-2's validation split: the test
-split is for evaluation only.
+A file is plain UTF-8 text, or JSONL (a .jsonl/.json name, or a first line that is a JSON object):
+one JSON value a line, blank lines skipped. As text (calibration, evaluation) a line is a string,
+or an object with a "text" string, a "messages" list of {"role", "content"}, or "prompt" and
+"response" strings; the lines are joined with blank lines. Training (quant/sft_data.py) reads the
+same lines as records.
+
+For calibration the whole text is tokenized once, as one stream, and cut into non-overlapping
+windows; which windows a run uses is drawn from a seed, so a run is reproducible and a resumed
+run sees the same batches. The default is WikiText-2's validation split
+(exporter.defaults.CALIBRATION_FILE): the test split is for evaluation only.
 """
 
 from __future__ import annotations
@@ -14,44 +19,76 @@ from pathlib import Path
 
 import torch
 
+from exporter.defaults import CALIBRATION_FILE
 from exporter.errors import PtekitError
-
-DEFAULT_CALIBRATION = "wikitext-2-valid-tokens.txt"
 
 
 def default_calibration() -> Path:
     from exporter.defaults import data_file
 
-    return data_file(DEFAULT_CALIBRATION)
+    return data_file(CALIBRATION_FILE)
 
 
-def read_text(path: Path) -> str:
+def read_file(path: Path, what: str = "data file", flag: str = "--data") -> str:
+    """The file's text (a UTF-8 byte-order mark, as WikiText's files start with, dropped)."""
     path = Path(path)
     if not path.is_file():
-        raise PtekitError(f"{path}: calibration file not found; pass a text or JSONL file with --calibration")
+        raise PtekitError(f"{path}: {what} not found; pass a text or JSONL file with {flag}")
     try:
-        raw = path.read_text(encoding="utf-8-sig")  # WikiText's files start with a byte-order mark
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise PtekitError(f"{path}: not UTF-8 text ({e}); pass a text or JSONL file") from None
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PtekitError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if isinstance(obj, str):
-                texts.append(obj)
-            elif isinstance(obj, dict):
-                texts.append(obj["text"] if isinstance(obj.get("text"), str)
-                             else "\n".join(v for v in obj.values() if isinstance(v, str)))
-            else:
-                raise PtekitError(f"{path}:{i}: expected an object with a \"text\" field")
-        raw = "\n\n".join(texts)
+        raise PtekitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); pass a text or JSONL file") from None
+
+
+def is_jsonl(path: Path, text: str) -> bool:
+    if Path(path).suffix in (".jsonl", ".json"):
+        return True
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def jsonl_records(path: Path, text: str, strings: bool = False) -> list[tuple[int, dict | str]]:
+    """(line number, object) for every non-blank line; strings: a JSON string is a record too."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PtekitError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(rec, dict) and not (strings and isinstance(rec, str)):
+            raise PtekitError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        out.append((n, rec))
+    return out
+
+
+def record_text(rec: dict | str, where: str) -> str:
+    if isinstance(rec, str):
+        return rec
+    if isinstance(rec.get("text"), str):
+        return rec["text"]
+    msgs = rec.get("messages")
+    if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+        return "\n".join(m["content"] for m in msgs)
+    if isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+        return rec["prompt"] + "\n" + rec["response"]
+    raise PtekitError(f"{where}: expected an object with a \"text\" string, a \"messages\" list of "
+                      "{\"role\", \"content\"}, or \"prompt\" and \"response\" strings")
+
+
+def read_text(path: Path, what: str = "calibration file", flag: str = "--calibration") -> str:
+    """The file as one text: plain text as it is, JSONL lines as text joined with blank lines."""
+    raw = read_file(path, what, flag)
+    if is_jsonl(path, raw):
+        raw = "\n\n".join(record_text(rec, f"{path}:{n}") for n, rec in jsonl_records(path, raw, strings=True))
     if not raw.strip():
-        raise PtekitError(f"{path}: no text in the calibration file")
+        raise PtekitError(f"{path}: no text in the {what}; pass a file with text in it")
     return raw
 
 

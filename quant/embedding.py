@@ -31,7 +31,7 @@ class Int8Embedding(nn.Module):
         self.use_executorch_ops = False  # set by exporter.lower
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding) -> "Int8Embedding":
+    def from_float(cls, emb: nn.Embedding) -> Int8Embedding:
         q, s = quantize_rows_int8(emb.weight.detach())
         return cls(q, s)
 

@@ -58,7 +58,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int = scheme.GR
     return (q.float().reshape(q.shape[0], -1, group_size) * scale[..., None]).reshape(q.shape)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTQOptions:
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     act_order: bool = False
@@ -205,7 +205,7 @@ def gptq_model(model: nn.Module, tokens: torch.Tensor, opts: GPTQOptions, device
             acc = {g: HessianAccumulator(layer.get_submodule(g[0]).in_features, device) for g in groups}
             last = groups[-1]
 
-            def record(x, g):
+            def record(x, g, acc=acc, last=last):
                 acc[g].add(x)
                 if g is last:
                     raise _Stop

@@ -13,7 +13,7 @@ x @ H_2^k / sqrt(2^k) in Sylvester order, and the small factor stays a matmul.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ def sylvester(n: int) -> torch.Tensor:
     return h
 
 
-@lru_cache(maxsize=None)
+@cache
 def _small_orders(limit: int = 256) -> dict[int, tuple[str, int]]:
     """Orders m <= limit that Paley I or II give directly (not powers of two), with how."""
     out = {}
@@ -171,7 +171,7 @@ class HadamardInputLinear(nn.Linear):
         self.hadamard = OnlineHadamard(in_features)
 
     @classmethod
-    def wrap(cls, linear: nn.Linear) -> "HadamardInputLinear":
+    def wrap(cls, linear: nn.Linear) -> HadamardInputLinear:
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features)
         new.weight = linear.weight

@@ -53,13 +53,6 @@ def add_lora(model: nn.Module, rank: int = DEFAULT_RANK, scale: float = DEFAULT_
     return model
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if ".lora_" in name]
 
-
-def lora_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in lora_parameters(model))

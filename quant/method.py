@@ -1,15 +1,23 @@
-"""What every quantization method receives besides the model.
+"""What every quantization method receives besides the model, and the plumbing they share:
+`-O key=value` options typed by the method's settings dataclass, presets chosen by device, and
+where the method runs.
 
 A method is one module in quant/ with one entry point, `quantize(model, inputs) -> model`,
-that ends with the model in the target scheme (or, for bf16, untouched). Whatever a method
-learns (rotations, adapters, trained weights) it saves under inputs.work_dir so lowering can be
-rerun and an interrupted run can resume.
+that ends with the model in the target scheme (or, for bf16, untouched), and one record in
+quant/registry.py. Whatever a method learns (rotations, adapters, trained weights) it saves
+under inputs.work_dir so lowering can be rerun and an interrupted run can resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from exporter.errors import PtekitError
+
+# -O values a boolean setting accepts, for every method alike.
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 @dataclass
@@ -24,15 +32,11 @@ class MethodInputs:
 
     def __post_init__(self):
         if self.device == "auto":
-            import torch
-
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = resolve_device("auto")
 
 
 def parse_options(pairs: list[str] | None) -> dict:
     """["rotation=hadamard", "gptq=false"] -> {"rotation": "hadamard", "gptq": "false"}; the method parses values."""
-    from exporter.errors import PtekitError
-
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -44,9 +48,61 @@ def parse_options(pairs: list[str] | None) -> dict:
 
 def pop_preset(method: str, options: dict, device: str, presets: dict):
     """Takes `preset` out of options and returns that preset (default: "paper" on CUDA, else "cpu")."""
-    from exporter.errors import PtekitError
-
     name = options.pop("preset", None) or ("paper" if str(device).startswith("cuda") else "cpu")
     if name not in presets:
         raise PtekitError(f"{method}: unknown preset {name!r}; choose one of {', '.join(presets)}")
     return presets[name]
+
+
+def option_values(method: str, settings_cls, options: dict) -> dict:
+    """{key: value} checked against the settings dataclass's fields and given each field's type.
+    Strings (from -O) are parsed; values passed from Python are taken as they are."""
+    fields = {f.name: f for f in dataclasses.fields(settings_cls)}
+    out = {}
+    for key, value in options.items():
+        if key not in fields:
+            raise PtekitError(f"{method}: unknown option {key!r}; known options: preset, {', '.join(fields)}")
+        out[key] = option_value(method, key, value, fields[key].type)
+    return out
+
+
+def option_value(method: str, key: str, value, annotation):
+    """One option's value for a field annotated `annotation` ("int", "bool | None", float...)."""
+    kind = annotation if isinstance(annotation, str) else annotation.__name__
+    kind = kind.split("|")[0].strip()
+    if not isinstance(value, str) or kind == "str":
+        return value
+    if kind == "bool":
+        if value.strip().lower() not in BOOLEANS:
+            raise PtekitError(f"{method}: option {key}={value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+        return BOOLEANS[value.strip().lower()]
+    try:
+        return {"int": int, "float": float}[kind](value)
+    except (KeyError, ValueError):
+        raise PtekitError(f"{method}: option {key}={value!r} is not {'an' if kind == 'int' else 'a'} {kind}") from None
+
+
+def resolve_device(device: str) -> str:
+    """auto | cpu | cuda[:N] -> where a method runs; a GPU that torch does not see is a clear error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PtekitError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
+        return str(device)
+    if device != "cpu":
+        raise PtekitError(f"--device {device}: unknown device; use auto, cpu or cuda")
+    return "cpu"
+
+
+def update_with_weights(h, model):
+    """Feeds every tensor of the model's state_dict (name, then raw bytes, in name order) to the
+    hash h; returns h. What a method's resume fingerprints say about the weights."""
+    import torch
+
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+    return h

@@ -43,7 +43,7 @@ class FakeQuantLinear(nn.Linear):
         self.register_buffer("scale", scale)
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, scale: torch.Tensor | None = None) -> "FakeQuantLinear":
+    def wrap(cls, linear: nn.Linear, scale: torch.Tensor | None = None) -> FakeQuantLinear:
         new = cls(linear.in_features, linear.out_features, getattr(linear, "hadamard", None), scale)
         new.weight = linear.weight
         return new
@@ -82,7 +82,7 @@ class FakeQuantEmbedding(nn.Embedding):
     """Looks rows up, then rounds them as the int8 per-row table will (only the rows a batch uses)."""
 
     @classmethod
-    def wrap(cls, emb: nn.Embedding) -> "FakeQuantEmbedding":
+    def wrap(cls, emb: nn.Embedding) -> FakeQuantEmbedding:
         with torch.device("meta"):
             new = cls(emb.num_embeddings, emb.embedding_dim)
         new.weight = emb.weight
@@ -126,13 +126,6 @@ def convert(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
                 int4[name] = m.int4()
             _replace(model, name, m.plain())
     return int4
-
-
-def fake_quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> the weight as the forward pass sees it."""
-    with torch.no_grad():
-        return {name: m.fake_quantized_weight() for name, m in model.named_modules()
-                if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding))}
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

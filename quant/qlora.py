@@ -52,9 +52,10 @@ import torch
 from torch import nn
 
 from exporter.errors import PtekitError
+from exporter.manifest import file_sha256
 from quant import lora, qat, sft_data
-from quant.method import MethodInputs, pop_preset
-from quant.train import Dist, TrainConfig, init_distributed, resolve_device, sft_objective, train
+from quant.method import MethodInputs, option_values, pop_preset, update_with_weights
+from quant.train import Dist, TrainConfig, init_distributed, process_device, sft_objective, train
 
 TRAINED = "trained"
 
@@ -86,16 +87,12 @@ class QLoRASettings:
     progress: bool = True
 
     @classmethod
-    def from_inputs(cls, inputs: MethodInputs) -> "QLoRASettings":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+    def from_inputs(cls, inputs: MethodInputs) -> QLoRASettings:
         opts = dict(inputs.options)
         values = dict(pop_preset("qlora", opts, inputs.device, PRESETS))
         if inputs.steps is not None:
             values["qat_steps"] = values["lora_steps"] = inputs.steps
-        for key, v in opts.items():
-            if key not in fields:
-                raise PtekitError(f"qlora: unknown option {key!r}; known options: preset, {', '.join(fields)}")
-            values[key] = _coerce(key, v, fields[key].type)
+        values.update(option_values("qlora", cls, opts))
         s = cls(**values)
         for key in ("rank", "seq_len", "micro_batch", "grad_accum"):
             if getattr(s, key) < 1:
@@ -127,31 +124,12 @@ PRESETS = {
 }
 
 
-def _coerce(key: str, v, annotation: str):
-    """CLI options arrive as strings; give them the field's type ("bool | None" -> bool)."""
-    kind = annotation.split("|")[0].strip()
-    if not isinstance(v, str) or kind == "str":
-        return v
-    if kind == "bool":
-        if v.lower() not in ("true", "false", "1", "0"):
-            raise PtekitError(f"qlora: option {key}={v!r} is not true or false")
-        return v.lower() in ("true", "1")
-    try:
-        return {"int": int, "float": float}[kind](v)
-    except ValueError:
-        raise PtekitError(f"qlora: option {key}={v!r} is not a valid {kind}") from None
-
-
 def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def weights_hash(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return update_with_weights(hashlib.sha256(), model).hexdigest()[:16]
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -172,7 +150,7 @@ def data_id(src, s: QLoRASettings, seed: int) -> str:
     p = Path(src)
     if not p.is_file():
         raise PtekitError(f"{p}: training data file not found; pass an existing file with --data, or --data self")
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return file_sha256(p)[:16]
 
 
 def training_windows(src, inputs: MethodInputs, s: QLoRASettings, seq_len: int, teacher: nn.Module,
@@ -254,7 +232,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     work = Path(inputs.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     d = init_distributed(inputs.device)
-    device = resolve_device(inputs.device, d)
+    device = process_device(inputs.device, d)
     seq_len = min(s.seq_len, model.config.max_seq_len)
     src = data_source(inputs)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant.hadamard import HadamardInputLinear, OnlineHadamard, factor
+from quant.hadamard import HadamardInputLinear, factor
 
 LAYER_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                  "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
@@ -99,6 +99,3 @@ def apply_rotations(model: nn.Module, r1: torch.Tensor | None, r2: torch.Tensor 
             p = layer.get_submodule(name).weight
             p.copy_(t.to(p.dtype))
 
-
-def online_hadamards(model: nn.Module) -> list[OnlineHadamard]:
-    return [m for m in model.modules() if isinstance(m, OnlineHadamard)]

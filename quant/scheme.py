@@ -23,6 +23,7 @@ ACTIVATION_DTYPE = torch.int8  # per token, dynamic
 # GPTQ's error feedback and QAT's fake quantizers hold exactly the numbers the .pte holds.
 GROUP_SCALE_DTYPE = torch.bfloat16
 
+NAME = "8da4w-g32 + int8 classifier + int8 embedding"
 DESCRIPTION = {
     "block_linears": "int4 weights, symmetric, per group of 32; int8 per-token dynamic activations",
     "classifier": "int8 weights, symmetric, per output channel; int8 per-token dynamic activations",
@@ -56,25 +57,6 @@ def classifier_config():
     from torchao.quantization.granularity import PerAxis
 
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=CLASSIFIER_WEIGHT_DTYPE, weight_granularity=PerAxis(0))
-
-
-def qat_block_linear_configs():
-    """(activation, weight) fake-quantization configs matching block_linear_config, for QAT."""
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
-
-    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-    weight = IntxFakeQuantizeConfig(
-        BLOCK_WEIGHT_DTYPE, group_size=GROUP_SIZE, is_symmetric=True, scale_precision=GROUP_SCALE_DTYPE
-    )
-    return act, weight
-
-
-def qat_classifier_configs():
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
-
-    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-    weight = IntxFakeQuantizeConfig(CLASSIFIER_WEIGHT_DTYPE, "per_channel", is_symmetric=True)
-    return act, weight
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:

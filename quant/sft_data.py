@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from exporter.errors import PtekitError
+from quant.data import is_jsonl, jsonl_records, read_file
 
 SELF_GENERATED = "self"  # `--data self`: generate the training text from the BF16 model
 
@@ -55,38 +56,11 @@ class Windows:
 
 
 def read_text(path: Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise PtekitError(f"{path}: training data file not found; pass an existing file with --data")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise PtekitError(f"{path}: not UTF-8 text (byte {e.start}); training data must be UTF-8 text or JSONL") from None
+    """A training file's text, by quant.data's rules; the records are read from it below."""
+    text = read_file(path, "training data file", "--data")
     if not text.strip():
         raise PtekitError(f"{path}: the file is empty; give text or JSONL examples to train on")
     return text
-
-
-def is_jsonl(path: Path, text: str) -> bool:
-    if path.suffix in (".jsonl", ".json"):
-        return True
-    first = next(line for line in text.splitlines() if line.strip())
-    return first.lstrip().startswith("{")
-
-
-def jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PtekitError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(rec, dict):
-            raise PtekitError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-        out.append((n, rec))
-    return out
 
 
 def load_examples(path: Path, tok) -> list[Example]:

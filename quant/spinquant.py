@@ -44,13 +44,14 @@ from tqdm import tqdm
 
 from exporter.atomic import atomic_dir, atomic_path
 from exporter.errors import PtekitError
+from exporter.manifest import update_with_file
 from exporter.progress import bar as progress_bar
 from quant import data, fake_quant, rotation
-from quant.method import pop_preset
 from quant.cayley import CayleySGD
 from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn
-from quant.ptq import apply_scheme
 from quant.hadamard import random_hadamard
+from quant.method import option_values, pop_preset, resolve_device, update_with_weights
+from quant.ptq import apply_scheme
 
 FORMAT = "ptekit-spinquant/1"
 STATE = "rotation_state.pt"
@@ -99,12 +100,7 @@ PRESETS = {
 def settings_from(inputs) -> Settings:
     opts = dict(inputs.options or {})
     base = pop_preset("spinquant", opts, inputs.device, PRESETS)
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    changes = {}
-    for key, value in opts.items():
-        if key not in fields:
-            raise PtekitError(f"spinquant: unknown option {key!r}; known options: {', '.join(fields)}")
-        changes[key] = _parse(key, value, type(getattr(base, key)))
+    changes = option_values("spinquant", Settings, opts)
     if inputs.steps is not None:
         changes["iterations"] = int(inputs.steps)
     changes.setdefault("seed", inputs.seed)
@@ -115,27 +111,6 @@ def settings_from(inputs) -> Settings:
     if s.iterations < 0 or s.train_batch < 1 or s.gptq_samples < 1:
         raise PtekitError("spinquant: iterations must be >= 0, train_batch and gptq_samples >= 1")
     return s
-
-
-def _parse(key, value, kind):
-    if kind is bool and isinstance(value, str):
-        if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise PtekitError(f"spinquant: option {key}={value!r} is not a boolean (true/false)")
-        return value.lower() in ("1", "true", "yes", "on")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise PtekitError(f"spinquant: option {key}={value!r} is not a {kind.__name__}") from None
-
-
-def resolve_device(device: str) -> str:
-    if str(device).startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise PtekitError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
-        return str(device)
-    if device != "cpu":
-        raise PtekitError(f"--device {device}: unknown device; use cpu or cuda")
-    return "cpu"
 
 
 # --- the training loss ------------------------------------------------------------------------------
@@ -364,12 +339,9 @@ TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "tr
 
 def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str]:
     """(rotations, result): hashes of the weights, the calibration text and the settings each depends on."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+    h = update_with_weights(hashlib.sha256(), model)
     if calibration is not None:
-        h.update(Path(calibration).read_bytes())
+        update_with_file(h, Path(calibration))
     settings = dataclasses.asdict(s)
     out = []
     for keys in (TRAINING_FIELDS, tuple(settings)):

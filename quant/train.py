@@ -24,9 +24,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from exporter.errors import PtekitError
+from quant.method import resolve_device
 from quant.sft_data import Windows
 
 STATE = "state.pt"
@@ -91,13 +92,10 @@ def init_distributed(device: str) -> Dist:
     return d
 
 
-def resolve_device(device: str, d: Dist) -> torch.device:
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise PtekitError(f"--device {device}: no CUDA device is visible to PyTorch; use --device cpu")
+def process_device(device: str, d: Dist) -> torch.device:
+    """This process's device: --device (quant.method.resolve_device), on a GPU the process's own."""
+    if resolve_device(device).startswith("cuda"):
         return torch.device("cuda", d.local_rank if d.world > 1 else torch.cuda.current_device())
-    if device != "cpu":
-        raise PtekitError(f"--device {device}: unknown device; use cpu or cuda")
     return torch.device("cpu")
 
 

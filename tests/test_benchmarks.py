@@ -91,7 +91,7 @@ def test_bad_arguments_are_one_line(tmp_path):
 
 
 def test_meta_1b_sizes_are_computed_from_the_exact_shape():
-    from benchmarks.meta_1b import computed
+    from benchmarks.tools.meta_1b import computed
 
     r = computed()
     assert r["parameters"] == 1_235_814_400  # Llama 3.2 1B, tied embeddings
@@ -128,7 +128,7 @@ def test_llamacpp_peer_measures_the_embedded_gguf():
 def test_decode_profile_sums_the_runtimes_own_events(tiny_ptq_pte):
     """profile_decode reads ExecuTorch's ETDump of real decode steps: the delegate's GEMMs and the
     custom SDPA appear, and the parts fit inside the method's own time."""
-    from benchmarks.profile_decode import profile
+    from benchmarks.tools.profile_decode import profile
 
     (r,) = profile([tiny_ptq_pte], prompt_len=8, steps=4)
     ms = r["ms_per_token"]
@@ -140,7 +140,7 @@ def test_decode_profile_sums_the_runtimes_own_events(tiny_ptq_pte):
 
 
 def test_rss_stages_split_the_runners_memory(tiny_ptq_pte):
-    r = subprocess.run([sys.executable, "-m", "benchmarks.rss_stages", str(tiny_ptq_pte),
+    r = subprocess.run([sys.executable, "-m", "benchmarks.tools.rss_stages", str(tiny_ptq_pte),
                         str(tiny_ptq_pte.parent / "tokenizer.json"), "--prompt-len", "8", "--gen", "4"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from exporter.checkpoint import build_model, load_checkpoint
-from exporter.errors import PtekitError
 from exporter.pipeline import export
 from exporter.runtime import PteModel
 

@@ -8,8 +8,15 @@ import torch
 from torch import nn
 
 from quant import scheme
-from quant.gptq import (GPTQOptions, HessianAccumulator, dequantize, gptq_quantize, int4_weight, quantize_rtn,
-                        set_int4_weight)
+from quant.gptq import (
+    GPTQOptions,
+    HessianAccumulator,
+    dequantize,
+    gptq_quantize,
+    int4_weight,
+    quantize_rtn,
+    set_int4_weight,
+)
 
 
 def correlated_inputs(n: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -4,17 +4,17 @@ run from a directory outside the checkout, data found through the documented dat
 from __future__ import annotations
 
 import ast
-import importlib.util
 import importlib.metadata as md
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from exporter import defaults
 

@@ -25,7 +25,6 @@ import torch
 
 from conftest import SHARED_DATA, cached_dir, exported
 
-
 VOCAB = 128256
 # Llama 3.2's head size (64), GQA ratio, theta and scaling; dim 256 so every weight row is a whole
 # number of 256-value K-quant blocks.

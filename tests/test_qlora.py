@@ -25,6 +25,27 @@ def small_model(vocab=512, tie=True, seed=0):
     return build_model(Checkpoint(cfg, random_checkpoint(cfg, seed=seed), None, [], "meta"))
 
 
+def fake_quantized_weights(model) -> dict[str, torch.Tensor]:
+    """Name -> the weight as the forward pass sees it."""
+    from quant.qat import FakeQuantEmbedding, FakeQuantLinear
+
+    with torch.no_grad():
+        return {name: m.fake_quantized_weight() for name, m in model.named_modules()
+                if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding))}
+
+
+def lora_modules(model) -> dict:
+    from quant.lora import LoRALinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameter_count(model) -> int:
+    from quant.lora import lora_parameters
+
+    return sum(p.numel() for p in lora_parameters(model))
+
+
 # --- QAT == the scheme -------------------------------------------------------------------------
 
 
@@ -44,7 +65,7 @@ def test_fake_quantization_is_the_converted_quantization(tie):
     tokens = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         fake_logits = model(tokens)
-    fake = qat.fake_quantized_weights(model)
+    fake = fake_quantized_weights(model)
     assert len(fake) == 2 * 7 + 2  # every block linear, the classifier, the embedding
 
     converted = copy.deepcopy(model)
@@ -75,7 +96,7 @@ def test_adapters_wrap_block_linears_and_the_scheme_skips_them():
     names = sorted(scheme.block_linears(model))
     assert len(names) == 2 * 7 and all(n.endswith(".base") for n in names)
     assert "layers.0.attention.wq.base" in names
-    assert lora.lora_parameter_count(model) == 2 * 4 * (4 * 64 + 2 * 64 + 2 * 32 + 3 * (64 + 128))
+    assert lora_parameter_count(model) == 2 * 4 * (4 * 64 + 2 * 64 + 2 * 32 + 3 * (64 + 128))
     tokens = torch.randint(0, 512, (1, 8))
     with torch.no_grad():
         before = model(tokens)
@@ -105,7 +126,6 @@ def test_pte_logits_match_eager_converted_model_with_float_adapters(qlora_export
     import quant.qlora as qlora
     from exporter.checkpoint import load_checkpoint
     from exporter.runtime import PteModel
-    from quant import lora
     from quant.method import MethodInputs
 
     out = qlora_export.out_dir
@@ -121,7 +141,7 @@ def test_pte_logits_match_eager_converted_model_with_float_adapters(qlora_export
     tokens = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = eager(tokens)[0]
-        for m in lora.lora_modules(eager).values():
+        for m in lora_modules(eager).values():
             m.lora_b.weight.zero_()
         without_adapters = eager(tokens)[0]
     pte = PteModel(qlora_export.pte)
@@ -139,7 +159,7 @@ def test_pte_logits_match_eager_converted_model_with_float_adapters(qlora_export
 
     # They are stored as fp32, 4 bytes a weight (8da4w would take about 0.6), beside the same model's
     # ptq export (which also holds the few KB of forward_all_logits).
-    n_lora = lora.lora_parameter_count(eager)
+    n_lora = lora_parameter_count(eager)
     grown = qlora_export.pte.stat().st_size - tiny_ptq_pte.stat().st_size
     assert 4 * n_lora - 16 * 1024 <= grown < 4 * n_lora + 64 * 1024, (grown, n_lora)
 
@@ -148,7 +168,6 @@ def test_qat_steps_0_trains_only_the_adapters_on_the_round_to_nearest_backbone(t
     import quant.qlora as qlora
     from exporter.checkpoint import load_checkpoint
     from exporter.tokenizer import Tokenizer
-    from quant import lora
     from quant.method import MethodInputs
     from quant.ptq import apply_scheme
 
@@ -158,7 +177,7 @@ def test_qat_steps_0_trains_only_the_adapters_on_the_round_to_nearest_backbone(t
     got = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)
     rtn = apply_scheme(build_model(ckpt, max_seq_len=256))
     assert not (tmp_path / "qat" / "state.pt").exists() and (tmp_path / "lora" / "state.pt").exists()
-    for name, m in lora.lora_modules(got).items():
+    for name, m in lora_modules(got).items():
         want = rtn.get_submodule(name).weight
         assert torch.equal(m.base.weight.qdata, want.qdata) and torch.equal(m.base.weight.scale, want.scale), name
         assert m.lora_b.weight.abs().max() > 0, name  # the one LoRA step moved B off its zero start
@@ -329,9 +348,9 @@ def test_smollm2_qlora_recovers_90_percent_of_the_ptq_gap(smollm2_hf, wikitext_v
     with the default recipe (400 QAT + 100 LoRA steps of 8 x 512 tokens) trained on the validation text."""
     import math
 
+    import quant.bf16
     from exporter.checkpoint import load_checkpoint
     from exporter.tokenizer import Tokenizer
-    import quant.bf16
     from quant.method import MethodInputs
     from quant.ptq import apply_scheme
     from quant.qlora import quantize

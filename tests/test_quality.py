@@ -15,8 +15,15 @@ import sys
 import pytest
 import torch
 
-from benchmarks.quality import (EagerLogits, EvalOptions, PteLogits, evaluate, make_windows, read_text,
-                                resolve_data, summary_line)
+from benchmarks.quality import (
+    EvalOptions,
+    PteLogits,
+    evaluate,
+    make_windows,
+    read_text,
+    resolve_data,
+    summary_line,
+)
 from exporter.errors import PtekitError
 
 
@@ -147,8 +154,8 @@ def test_cli_writes_record_and_summary(tiny_hf, wikitext_test, tmp_path):
 
     # A JSONL slice of the real test text, through the whole command line.
     data = tmp_path / "slice.jsonl"
-    lines = [l for l in wikitext_test.read_text().splitlines() if l.strip()][:60]
-    data.write_text("".join(json.dumps({"text": l}) + "\n" for l in lines))
+    lines = [line for line in wikitext_test.read_text().splitlines() if line.strip()][:60]
+    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
     out = tmp_path / "rec" / "eval.json"
     cmd = [sys.executable, "-m", "exporter.cli", "eval", str(tiny_hf), "-m", "ptq", "--data", str(data),
            "--seq-len", "64", "--max-tokens", "256", "--json", str(out), "-q"]
@@ -192,7 +199,8 @@ def test_smollm2_pte_agrees_with_eager(smollm2_hf, smollm2_ptq_pte):
 
 def test_fast_fake_quant_is_torchaos_bit_for_bit():
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        _apply_int8_act_asym_per_token_quant_dequant as torchao_fake_quant)
+        _apply_int8_act_asym_per_token_quant_dequant as torchao_fake_quant,
+    )
 
     from quant.scheme import int8_per_token_fake_quant as _int8_per_token_fake_quant
 
@@ -233,11 +241,11 @@ def test_eager_view_scores_like_torchaos_exact_path(tiny_hf):
 def test_eager_view_keeps_the_online_hadamard():
     # SpinQuant's R4 linears carry their transform: dropping it would still run, and be wrong.
     from torch import nn
+    from torchao.quantization import quantize_
 
     from quant import scheme
     from quant.eval_view import Bf16GemmLinear, bf16_gemm_view
     from quant.hadamard import HadamardInputLinear
-    from torchao.quantization import quantize_
 
     torch.manual_seed(0)
     model = nn.Sequential(HadamardInputLinear.wrap(nn.Linear(96, 64, bias=False)))

@@ -15,7 +15,7 @@ from exporter.checkpoint import Checkpoint, build_model, load_checkpoint, random
 from exporter.config import ModelConfig
 from exporter.errors import PtekitError
 from quant import rotation
-from quant.cayley import CayleySGD, orthogonality_error
+from quant.cayley import CayleySGD
 from quant.hadamard import OnlineHadamard, factor, hadamard_matrix, random_hadamard
 from quant.method import MethodInputs
 
@@ -23,6 +23,11 @@ from quant.method import MethodInputs
 TINY96 = dict(hidden_dim=96)
 TINY_OPTIONS = dict(iterations=3, train_batch=1, train_seq_len=32, gptq_samples=4, gptq_seq_len=32,
                     init_eval_batches=1)
+
+
+def orthogonality_error(x: torch.Tensor) -> float:
+    eye = torch.eye(x.shape[-1], dtype=torch.float64, device=x.device)
+    return (x.double().transpose(-1, -2) @ x.double() - eye).abs().max().item()
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +106,7 @@ def test_fake_quantized_linear_equals_torchao_scheme():
     """The training loss quantizes weights and activations exactly as the .pte's torchao weights do."""
     from torchao.quantization import quantize_
 
-    from quant import scheme
-    from quant import fake_quant
+    from quant import fake_quant, scheme
 
     torch.manual_seed(0)
     lin = nn.Linear(128, 64, bias=False)

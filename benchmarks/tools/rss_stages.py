@@ -1,6 +1,6 @@
 """Where a .pte's resident memory comes from: the runner's RSS, anonymous and file-backed, at each stage.
 
-    python -m benchmarks.rss_stages MODEL.pte TOKENIZER [--prompt-len 64] [--gen 128]
+    python -m benchmarks.tools.rss_stages MODEL.pte TOKENIZER [--prompt-len 64] [--gen 128]
 
 Runs ExecuTorch's TextLLMRunner (what ptekit's host llama_main runs) in this process and reads
 /proc/self/status before the model loads, after the first generation of one token (load, the

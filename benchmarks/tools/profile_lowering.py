@@ -1,6 +1,6 @@
 """Where lowering spends its time: the first N blocks of a checkpoint, ptq, lowered under cProfile.
 
-    python -m benchmarks.profile_lowering smollm2-135m 4 --stats out/prof_4.out
+    python -m benchmarks.tools.profile_lowering smollm2-135m 4 --stats out/prof_4.out
 
 Prints CPU seconds for torch.export and for to_edge_transform_and_lower + to_executorch; the
 profile file opens with `python -m pstats`. Lowering is CPU-bound Python, so CPU seconds compare

@@ -4,7 +4,7 @@ Meta's figures (Llama 3.2 model card, "Inference time", Android OnePlus 12): Spi
 RSS 1921 MiB; QLoRA .pte 1127 MiB, RSS 2255 MiB. Nothing here is measured: every number is a
 parameter count times its storage width (benchmarks/sizes.py), so it is labelled "computed".
 
-    python -m benchmarks sizes-1b
+    python -m benchmarks.tools.meta_1b
 """
 
 from __future__ import annotations

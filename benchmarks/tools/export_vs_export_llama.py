@@ -4,7 +4,7 @@ Wall time of each export (as whole processes), the two .pte sizes, and prefill/d
 both files through the same runtime (ExecuTorch's pybindings on this machine, greedy, a 64-token
 prompt of real WikiText-2 text, 128 decoded tokens, median of N runs after one warm-up).
 
-    python -m benchmarks.export_vs_export_llama [--checkpoint smollm2-135m] [--out out/vs-export-llama]
+    python -m benchmarks.tools.export_vs_export_llama [--checkpoint smollm2-135m] [--out out/vs-export-llama]
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ def speed(pte_path: Path, prompt: list[int], gen: int, runs: int) -> dict:
 
 
 def prompt_tokens(tokenizer_path: Path, n: int) -> list[int]:
-    from exporter.defaults import data_file
+    from exporter.defaults import WIKITEXT2_TEST, data_file
     from exporter.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_path)
-    text = data_file("wikitext-2-raw-test.txt").read_text()[:20000]
+    text = data_file(WIKITEXT2_TEST).read_text()[:20000]
     ids = tok.encode(text)[:n]
     assert len(ids) == n
     return ids

@@ -1,6 +1,6 @@
 """Where a .pte's decode time goes, operator by operator, through ExecuTorch's own event tracer.
 
-    python -m benchmarks.profile_decode A.pte [B.pte ...] [--prompt-len 64] [--steps 128] [--threads 2]
+    python -m benchmarks.tools.profile_decode A.pte [B.pte ...] [--prompt-len 64] [--steps 128] [--threads 2]
 
 Each file is loaded with ETDump enabled, prefills a prompt of --prompt-len tokens, then decodes
 --steps tokens one at a time (greedy), alternating files step by step so that whatever else the
@@ -23,7 +23,6 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-
 
 EXECUTE = "Method::execute"
 
