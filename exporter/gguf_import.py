@@ -11,6 +11,7 @@ from it and checked to reproduce every divisor, so a model is never imported wit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -101,14 +102,7 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     if kind != "none":
         raise PtekitError(f"{path}: llama.rope.scaling.type is {kind!r}; ptekit imports unscaled RoPE or "
                           "Llama 3's scaling (a rope_freqs tensor)")
-    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    scaling = None
-    if rope_freqs is not None:
-        divisors = np.asarray(_dequantize(rope_freqs), dtype=np.float64).reshape(-1)
-        orig = int(_field(reader, p + "rope.scaling.original_context_length", 8192))
-        scaling = llama3_scaling_from_rope_freqs(divisors, theta, head_dim or r.get(p + "embedding_length", SIZE) // n_heads,
-                                                 orig, path)
-    return build_config(
+    cfg = build_config(
         r, {"dim": p + "embedding_length", "n_heads": p + "attention.head_count",
             "n_kv_heads": p + "attention.head_count_kv", "head_dim": p + "rope.dimension_count"},
         dim=r.get(p + "embedding_length", SIZE, required=True),
@@ -119,10 +113,17 @@ def gguf_config(reader, path: Path) -> ModelConfig:
         hidden_dim=r.get(p + "feed_forward_length", SIZE, required=True),
         norm_eps=_f32(r.get(p + "attention.layer_norm_rms_epsilon", NUMBER, 1e-5)),
         rope_theta=theta,
-        rope_scaling=scaling,
         tie_embeddings="output.weight" not in names,
         head_dim=head_dim,
     )
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is None:
+        return cfg
+    # Checked against the built config's head size, which build_config derives and validates.
+    divisors = np.asarray(_dequantize(rope_freqs), dtype=np.float64).reshape(-1)
+    orig = int(_field(reader, p + "rope.scaling.original_context_length", 8192))
+    scaling = llama3_scaling_from_rope_freqs(divisors, theta, cfg.head_dim, orig, path)
+    return dataclasses.replace(cfg, rope_scaling=scaling)
 
 
 def rope_freq_divisors(s: RopeScaling, theta: float, head_dim: int) -> np.ndarray:
