@@ -30,6 +30,15 @@ class Checkpoint:
     layout: str  # "meta" | "hf"
     extra: dict = field(default_factory=dict)  # bos/eos ids, chat template when the config has them
     eos_ids: list[int] = field(default_factory=list)  # end tokens the checkpoint's configs declare
+    parameters: int = field(init=False)  # counted at load (the tied classifier once); kept after release_weights
+
+    def __post_init__(self):
+        self.parameters = sum(t.numel() for t in self.state_dict.values())
+
+    def release_weights(self) -> None:
+        """Drops the checkpoint's references to its tensors once a model holds them (build_model with
+        dtype=None), so the method can free each float weight as it quantizes it."""
+        self.state_dict = {}
 
     def stop_ids(self, tokenizer_eos_ids) -> tuple[int, ...]:
         """Every id generation stops on: the configs' declared ids and the tokenizer's eos/eot."""
@@ -214,6 +223,12 @@ def _declared_eos_ids(d: Path, config_ids: dict, vocab_size: int) -> list[int]:
 
 
 def build_model(ckpt: Checkpoint, max_seq_len: int | None = None, dtype=torch.float32) -> Transformer:
+    """The Transformer holding the checkpoint's weights, converted to `dtype` (a copy the model owns).
+
+    dtype=None keeps them as stored and shares them with ckpt.state_dict: no copy is made of a
+    memory-mapped bf16 checkpoint, and the method converts what it needs when it needs it (ptq one
+    layer at a time). The caller then drops ckpt.state_dict so the model holds the only reference.
+    """
     cfg = ckpt.config if max_seq_len is None else ckpt.config.replace(max_seq_len=max_seq_len)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -238,12 +253,13 @@ def build_model(ckpt: Checkpoint, max_seq_len: int | None = None, dtype=torch.fl
                 f"{where}: weights and config disagree: {k} has shape {tuple(sd[k].shape)}, "
                 f"the config implies {tuple(shape)}; check that config and weights come from the same model"
             )
-    model = model.to_empty(device="cpu")
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=False)
+    # assign: the model takes these tensors as its parameters; nothing is allocated and copied into.
+    weights = {k: v if dtype is None else v.to(dtype, copy=True) for k, v in sd.items()}
+    model.load_state_dict(weights, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.init_constants()  # buffers on the meta device were not loaded: rebuild them
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def random_checkpoint(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:

@@ -108,7 +108,8 @@ def delegation_stats(edge) -> dict:
             "ops_outside": dict(sorted(outside.items()))}
 
 
-def to_pte_bytes(programs: dict, md: dict, bf16: bool = False, advance=lambda name: None) -> tuple[bytes, dict]:
+def to_program(programs: dict, md: dict, bf16: bool = False, advance=lambda name: None):
+    """(ExecuTorch program, delegation statistics); the program serializes when it is written."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -135,15 +136,27 @@ def to_pte_bytes(programs: dict, md: dict, bf16: bool = False, advance=lambda na
                 sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
             )
         )
-    return et.buffer, delegation_stats(edge)
+    return et, delegation_stats(edge)
 
 
-def lower(model: Transformer, opts: LowerOptions) -> tuple[bytes, dict]:
-    """The .pte bytes and the delegation statistics."""
+def lower(model: Transformer, opts: LowerOptions, on_phase=lambda name: None):
+    """(ExecuTorch program, delegation statistics); write_pte writes the program. on_phase(name) is
+    called as each phase starts (benchmarks.export_memory measures memory phase by phase with it)."""
     from exporter.progress import phases
 
     bf16 = model_dtype(model) == torch.bfloat16
     # torch.export of each method, then the edge/XNNPACK lowering, then emitting the program.
     with phases("lower", 1 + opts.eval_method + 2, enabled=opts.progress) as advance:
-        programs = export_programs(model, opts, advance)
-        return to_pte_bytes(programs, metadata(model, opts), bf16=bf16, advance=advance)
+        def step(name):
+            advance(name)
+            on_phase(name)
+
+        programs = export_programs(model, opts, step)
+        return to_program(programs, metadata(model, opts), bf16=bf16, advance=step)
+
+
+def write_pte(program, path) -> None:
+    """Serializes the program straight into the file, chunk by chunk: `program.buffer` would join
+    the whole .pte into one bytes object in memory first (2.4 GB more at the peak for a 3B model)."""
+    with open(path, "wb") as fh:
+        program.write_to_file(fh)

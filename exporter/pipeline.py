@@ -20,7 +20,7 @@ from exporter.atomic import atomic_dir, ensure_writable_dir
 from exporter.checkpoint import Checkpoint, build_model, load_checkpoint
 from exporter.defaults import resolve_checkpoint_arg
 from exporter.errors import PtekitError
-from exporter.lower import LowerOptions, lower
+from exporter.lower import LowerOptions, lower, write_pte
 from exporter.tokenizer import Tokenizer
 from quant import registry
 from quant.method import MethodInputs
@@ -47,16 +47,22 @@ def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[T
     if ckpt.tokenizer_path is None:
         raise PtekitError(f"{ckpt.files[0].parent}: no tokenizer.json or tokenizer.model next to the weights")
     tok = Tokenizer(ckpt.tokenizer_path)
-    model = build_model(ckpt, max_seq_len=max_seq_len)
+    inputs = inputs_for(tok)
+    # The weights as stored (a bf16 checkpoint stays bf16 and memory-mapped); each method converts
+    # what it needs, ptq one layer at a time, so the float model is never held whole twice.
+    model = build_model(ckpt, max_seq_len=max_seq_len, dtype=None)
+    ckpt.release_weights()
     stage(f"quantize ({method})")
     with nullcontext() if spec.trains else torch.no_grad():
-        model = spec.quantize()(model, inputs_for(tok))
+        model = spec.quantize()(model, inputs)
     return ckpt, tok, model
 
 
 def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int = 2048, eval_method: bool = False,
            calibration: Path | None = None, device: str = "auto", steps: int | None = None, options: dict | None = None,
-           stage=lambda name: None, progress: bool = False) -> ExportResult:
+           stage=lambda name: None, progress: bool = False, on_phase=lambda name: None) -> ExportResult:
+    """stage(name): called as each step starts (the CLI prints them); on_phase(name): called as each
+    step and each lowering phase starts (for measurements that need the finer split)."""
     # Not created yet: the directory appears at the end, whole, with every file in it.
     out_dir = ensure_writable_dir(Path(out_dir), create=False)
     seconds = {}
@@ -66,7 +72,11 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
         return MethodInputs(work_dir=out_dir / f"{method}-work", tokenizer=tok, calibration=calibration,
                             device=device, steps=steps, options=options or {})
 
-    ckpt, tok, model = load_for_method(checkpoint, method, inputs_for, max_seq_len, stage)
+    def both(name):
+        stage(name)
+        on_phase(name)
+
+    ckpt, tok, model = load_for_method(checkpoint, method, inputs_for, max_seq_len, both)
     seconds["load_and_quantize"] = round(time.perf_counter() - t0, 2)
 
     stage("lower to XNNPACK")
@@ -74,24 +84,26 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
     eos = ckpt.stop_ids(tok.eos_ids)
     opts = LowerOptions(max_seq_len=max_seq_len, bos_id=tok.bos_id, eos_ids=eos, eval_method=eval_method,
                         progress=progress)
-    pte_bytes, delegation = lower(model, opts)
+    program, delegation = lower(model, opts, on_phase)
+    del model  # the program holds the quantized weights now, packed for XNNPACK
     seconds["lower"] = round(time.perf_counter() - t1, 2)
 
-    stage("write outputs")
+    both("write outputs")
     tok_names = _tokenizer_names(ckpt)
     replaced = _export_file_names(out_dir) | {PTE_NAME, manifest.MANIFEST, *tok_names}
     # Staged beside out_dir and swapped in whole: the .pte, the tokenizer and the manifest appear
     # together or not at all, and until then a previous export there stays as it was. What else
     # is in out_dir (a method's resume state, the user's own files) is kept.
     with atomic_dir(out_dir, keep=lambda name: name not in replaced) as stage_dir:
-        _write_pte(stage_dir / PTE_NAME, pte_bytes)
+        write_pte(program, stage_dir / PTE_NAME)
+        del program
         _copy_tokenizer(ckpt, tok_names, stage_dir)
         seconds["total"] = round(time.perf_counter() - t0, 2)
         record = {
             "format": "ptekit-manifest/1",
             "pte": PTE_NAME,
-            "pte_bytes": len(pte_bytes),
-            "pte_sha256": hashlib.sha256(pte_bytes).hexdigest(),
+            "pte_bytes": (stage_dir / PTE_NAME).stat().st_size,
+            "pte_sha256": manifest.update_with_file(hashlib.sha256(), stage_dir / PTE_NAME).hexdigest(),
             "tokenizer": tok_names[0],
             "tokenizer_files": tok_names,
             "method": method,
@@ -102,7 +114,7 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
                 "sha256": ckpt.sha256(),
             },
             "model": {**ckpt.config.to_dict(), "max_seq_len": max_seq_len,
-                      "parameters": sum(t.numel() for t in ckpt.state_dict.values())},
+                      "parameters": ckpt.parameters},
             "lowering": {"backend": "XNNPACK", "methods": ["forward"] + (["forward_all_logits"] if eval_method else []),
                          **delegation, "bos_id": opts.bos_id, "eos_ids": list(opts.eos_ids)},
             "seconds": seconds,
@@ -120,11 +132,6 @@ def _export_file_names(out_dir: Path) -> set[str]:
         return set()
     names = [old.get("pte"), *(old.get("tokenizer_files") or [old.get("tokenizer")])]
     return {n for n in names if isinstance(n, str) and n and "/" not in n}
-
-
-def _write_pte(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
 
 
 def _scheme_record(method: str) -> dict:

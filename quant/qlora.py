@@ -229,6 +229,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     from quant.ptq import apply_scheme
 
     s = QLoRASettings.from_inputs(inputs)
+    model = model.float()  # trained and distilled in fp32, whatever the checkpoint stores
     work = Path(inputs.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     d = init_distributed(inputs.device)

@@ -134,3 +134,28 @@ def test_not_a_gguf(tmp_path):
     with pytest.raises(PtekitError, match="x.gguf: not a readable GGUF file"):
         import_gguf(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_kept_as_stored_quantize_exactly_as_fp32(tmp_path):
+    """The export path keeps a bf16 checkpoint memory-mapped and bf16 (build_model dtype=None) and
+    quantizes one layer at a time; the result must be the quantization of the fp32 model, bit for bit."""
+    from quant.ptq import apply_scheme
+
+    cfg = SMALL.replace(tie_embeddings=True)
+    d = tmp_path / "tied"
+    save_meta_checkpoint(d, cfg, random_checkpoint(cfg, seed=5), {**PARAMS})
+    stored = load_checkpoint(d)
+    model = build_model(stored, dtype=None)
+    emb = stored.state_dict["tok_embeddings.weight"]
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model.tok_embeddings.weight.data_ptr() == emb.data_ptr()  # shared with the checkpoint: no copy
+    assert stored.parameters == sum(t.numel() for t in stored.state_dict.values())
+    stored.release_weights()
+    assert stored.state_dict == {} and stored.parameters > 0
+    streamed = apply_scheme(model)
+    assert not [n for n, p in streamed.named_parameters() if p.dtype == torch.bfloat16]
+
+    reference = apply_scheme(build_model(load_checkpoint(d)))  # fp32 first, as the whole model
+    tokens = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(streamed(tokens), reference(tokens))

@@ -59,7 +59,10 @@ def test_pte_logits_match_eager_quantized_model(tiny_hf, tiny_ptq_pte):
     step = pte.forward(tokens[0, :40].tolist(), 0)
     for i in range(40, 48):
         step = pte.forward([int(tokens[0, i])], i)
-    torch.testing.assert_close(step, ours[-1], atol=1e-3 * span, rtol=0)
+    # Not bit-equal: XNNPACK picks its kernels by CPU (one-row GEMV for a step, GEMM for a window), and
+    # on AVX2-only x86 they round the int8 products differently (0.5% of the logit range measured).
+    torch.testing.assert_close(step, ours[-1], atol=1e-2 * span, rtol=0)
+    assert step.argmax() == ours[-1].argmax()
 
 
 def test_two_exports_are_byte_identical(tiny_hf, tiny_ptq_pte, tmp_path):
@@ -85,8 +88,18 @@ def quick_lower(tiny_ptq_pte, monkeypatch):
     data = tiny_ptq_pte.read_bytes()
     delegation = {k: v for k, v in json.loads((tiny_ptq_pte.parent / "manifest.json").read_text())["lowering"].items()
                   if k not in ("backend", "methods", "bos_id", "eos_ids")}
-    monkeypatch.setattr(pipeline, "lower", lambda model, opts: (data, delegation))
+    monkeypatch.setattr(pipeline, "lower", lambda model, opts, on_phase=None: (Lowered(data), delegation))
     return data
+
+
+class Lowered:
+    """Stands for an ExecuTorch program: writes the given .pte bytes."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def write_to_file(self, fh):
+        fh.write(self.data)
 
 
 @pytest.fixture
@@ -117,10 +130,10 @@ def inject(point, exc, monkeypatch):
         raise exc
 
     if point == "pte":
-        def half_pte(path, data):
-            path.write_bytes(data[: len(data) // 2])
+        def half_pte(program, path):
+            path.write_bytes(program.data[: len(program.data) // 2])
             raise exc
-        monkeypatch.setattr(pipeline, "_write_pte", half_pte)
+        monkeypatch.setattr(pipeline, "write_pte", half_pte)
     elif point == "tokenizer":
         def first_file_then_fail(ckpt, names, d):
             (d / names[0]).write_bytes(ckpt.tokenizer_path.with_name(names[0]).read_bytes()[:1000])

@@ -28,7 +28,7 @@ def main():
 
     from exporter.checkpoint import build_model, load_checkpoint
     from exporter.defaults import resolve_checkpoint_arg
-    from exporter.lower import LowerOptions, export_programs, metadata, to_pte_bytes
+    from exporter.lower import LowerOptions, export_programs, metadata, to_program
     from quant.ptq import apply_scheme
 
     model = build_model(load_checkpoint(resolve_checkpoint_arg(a.checkpoint)), max_seq_len=a.max_seq_len)
@@ -41,7 +41,7 @@ def main():
     prof.enable()
     programs = export_programs(model, opts)
     t1 = time.process_time()
-    to_pte_bytes(programs, metadata(model, opts))
+    _ = to_program(programs, metadata(model, opts))[0].buffer  # serialized, as a write would
     prof.disable()
     t2 = time.process_time()
     prof.dump_stats(str(a.stats))
