@@ -23,14 +23,15 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.suite import ALL_PEERS, RANDOM_1B, SuiteOptions
+    from benchmarks.suite import ALL_PEERS, RANDOM_MODELS, SuiteOptions
 
     d = SuiteOptions()
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="the whole suite on one checkpoint")
-    r.add_argument("--model", default=d.model, help="smollm2 (the embedded SmolLM2-135M-Instruct), llama3.2-1b-random "
-                   "(Llama 3.2 1B's exact shape, random weights, the real Llama 3 tokenizer), or a checkpoint path")
+    r.add_argument("--model", default=d.model, help="smollm2 (the embedded SmolLM2-135M-Instruct), llama3.2-1b-random or "
+                   "llama3.2-3b-random (Llama 3.2 1B's or 3B's exact shape, random weights, the real Llama 3 "
+                   "tokenizer), or a checkpoint path")
     r.add_argument("--methods", type=_csv, default=",".join(d.methods), help="comma-separated; default: every method "
                    f"({','.join(d.methods)})")
     r.add_argument("--peers", type=_csv, default=",".join(ALL_PEERS), help="comma-separated subset of "
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, default=d.threads, help="threads for every runtime; 0: every core here (--device local, llama.cpp), a phone's llama_main its own count (-1)")
     r.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
     r.add_argument("--eval-max-tokens", type=int, default=None, help="WikiText-2 test tokens scored per method; 0 "
-                   f"skips quality (default {d.eval_max_tokens}; 0 for {RANDOM_1B}, whose random weights have none)")
+                   f"skips quality (default {d.eval_max_tokens}; 0 for the random models, whose weights have none)")
     r.add_argument("--steps", type=int, default=None, help="spinquant/qlora optimization steps (default: the method's)")
     r.add_argument("--gguf", type=Path, default=None, help="the llama.cpp peer's GGUF (default for smollm2: the "
                    "embedded Q4_1 file)")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setup()
 
     if a.eval_max_tokens is None:
-        a.eval_max_tokens = 0 if a.model == RANDOM_1B else d.eval_max_tokens
+        a.eval_max_tokens = 0 if a.model in RANDOM_MODELS else d.eval_max_tokens
     try:
         from benchmarks import report
         from benchmarks.suite import run

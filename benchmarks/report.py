@@ -179,7 +179,7 @@ def markdown(record: dict) -> str:
     o = record["options"]
     quality = (f"Quality: `ptekit eval` on each .pte, the first {o['eval_max_tokens']} tokens of WikiText-2 test in "
                f"windows of {o['eval_seq_len']} (± one standard error over windows)." if o["eval_max_tokens"] else
-               "Quality: not measured (--eval-max-tokens 0; the random 1B model's weights have none).")
+               "Quality: not measured (--eval-max-tokens 0; random weights have none).")
     parts = [
         f"## {record['model']}: ptekit methods and peers ({record['started_at']})", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_total_mib']} MiB RAM, {m['os']}; load average at start "

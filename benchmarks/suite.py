@@ -32,9 +32,10 @@ _log = log.get(__name__)
 REPO = Path(__file__).resolve().parent.parent
 FORMAT = "ptekit-benchmarks/1"
 ALL_PEERS = ("export_llama", "llamacpp")
-RANDOM_1B = "llama3.2-1b-random"
-MODELS = {"smollm2": "smollm2-135m", "smollm2-135m": "smollm2-135m", RANDOM_1B: RANDOM_1B}
-# The random 1B model is there for its .pte sizes and the runner's memory, which do not depend on how
+# Llama 3.2's exact shapes with random weights: name -> the params.json preset they are built from.
+RANDOM_MODELS = {"llama3.2-1b-random": "llama3.2-1b", "llama3.2-3b-random": "llama3.2-3b"}
+MODELS = {"smollm2": "smollm2-135m", "smollm2-135m": "smollm2-135m", **{m: m for m in RANDOM_MODELS}}
+# A random model is there for its .pte sizes and the runner's memory, which do not depend on how
 # long a method optimized (random weights have nothing to learn and no quality to score). So each
 # method's optimization runs one step on short windows: every stage still runs at 1B scale, in
 # minutes instead of hours. qlora skips its QAT round (qat_steps=0): full-parameter AdamW at 1B keeps
@@ -48,7 +49,7 @@ SIZE_RUN_OPTIONS = {
 
 @dataclass
 class SuiteOptions:
-    model: str = "smollm2"  # smollm2 | llama3.2-1b-random | a checkpoint path
+    model: str = "smollm2"  # smollm2 | llama3.2-1b-random | llama3.2-3b-random | a checkpoint path
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(registry.METHODS))  # every registered method
     peers: tuple[str, ...] = ALL_PEERS
     device: str = "local"  # 'local' or an adb serial
@@ -86,8 +87,8 @@ class SuiteOptions:
 def resolve_model(opts: SuiteOptions) -> tuple[str, str]:
     """(name for the report, checkpoint argument for `ptekit export`)."""
     arg = MODELS.get(opts.model)
-    if arg == RANDOM_1B:
-        return RANDOM_1B, str(random_1b_checkpoint(opts.out / "checkpoints" / RANDOM_1B))
+    if arg in RANDOM_MODELS:
+        return arg, str(random_checkpoint_dir(opts.out / "checkpoints" / arg, RANDOM_MODELS[arg]))
     if arg:
         return opts.model, arg
     path = Path(opts.model)
@@ -96,9 +97,9 @@ def resolve_model(opts: SuiteOptions) -> tuple[str, str]:
     return path.name, str(path)
 
 
-def random_1b_checkpoint(d: Path) -> Path:
-    """Llama 3.2 1B's exact shape with random bf16 weights and the real Llama 3 tokenizer, in Meta's
-    layout (consolidated.00.pth + params.json + tokenizer.model). Written once."""
+def random_checkpoint_dir(d: Path, name: str = "llama3.2-1b") -> Path:
+    """A Llama 3.2 shape (`name`: a params.json preset) with random bf16 weights and the real Llama 3
+    tokenizer, in Meta's layout (consolidated.00.pth + params.json + tokenizer.model). Written once."""
     import shutil
 
     from exporter.checkpoint import random_checkpoint, save_meta_checkpoint
@@ -107,10 +108,10 @@ def random_1b_checkpoint(d: Path) -> Path:
 
     if (d / "params.json").exists() and (d / "tokenizer.model").exists() and (d / "consolidated.00.pth").exists():
         return d
-    cfg = preset("llama3.2-1b")
+    cfg = preset(name)
     tmp = d.with_name(d.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_meta_checkpoint(tmp, cfg, random_checkpoint(cfg), LLAMA32_PARAMS["llama3.2-1b"])
+    save_meta_checkpoint(tmp, cfg, random_checkpoint(cfg), LLAMA32_PARAMS[name])
     shutil.copyfile(llama3_tokenizer(), tmp / "tokenizer.model")
     shutil.rmtree(d, ignore_errors=True)
     tmp.rename(d)  # whole or absent: a half-written checkpoint is never mistaken for a finished one
@@ -158,7 +159,7 @@ def export_cmd(checkpoint: str, out: Path, method: str, opts: SuiteOptions) -> l
         cmd.append("--eval-method")  # so `ptekit eval` scores the file in windows; +a few KB
     if opts.steps is not None and registry.get(method).trains:
         cmd += ["--steps", str(opts.steps)]
-    if opts.model == RANDOM_1B:
+    if opts.model in RANDOM_MODELS:
         for option in SIZE_RUN_OPTIONS.get(method, ()):
             cmd += ["-O", option]
     return cmd
