@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exporter.config import ModelConfig
+from exporter.memory import kv_cache_bytes  # noqa: F401  (part of this module's arithmetic)
 
 MIB = 2**20
 
@@ -85,11 +86,6 @@ def embedding_bytes(c: ModelConfig, method: str) -> int:
     per-token weight traffic."""
     table = c.vocab_size * c.dim
     return 2 * table if method == "bf16" else table + 4 * c.vocab_size
-
-
-def kv_cache_bytes(c: ModelConfig, positions: int, bytes_per_value: int = 4) -> int:
-    """K and V of every layer for `positions` positions (ptekit's cache is fp32)."""
-    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * positions * bytes_per_value
 
 
 def parameter_count(c: ModelConfig) -> int:

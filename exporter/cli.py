@@ -76,6 +76,7 @@ def export(
     option: list[str] | None = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rotation=hadamard|none, rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
     steps: int | None = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line: no stage lines or progress bars (the methods' training loops included)."),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="Before reading any weight, estimate the export's peak memory from the checkpoint's shape and stop, saying what lowers it, when this machine does not have that much available."),
 ):
     """Quantize a checkpoint with METHOD and lower it to an XNNPACK .pte."""
     from exporter.pipeline import export as run_export
@@ -87,7 +88,7 @@ def export(
     stages = Stages(quiet)
     res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method,
                      calibration=calibration, device=device, steps=steps, options=parse_options(option),
-                     stage=stages, progress=not quiet)
+                     stage=stages, progress=not quiet, memory_check=memory_check)
     stages.done()
     m = res.manifest
     typer.echo(f"{res.pte}  {m['pte_bytes'] / 1e6:.1f} MB  method={method}  "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from exporter import manifest
+from exporter import manifest, memory
 from exporter.atomic import atomic_dir, ensure_writable_dir
 from exporter.checkpoint import Checkpoint, build_model, load_checkpoint
 from exporter.defaults import resolve_checkpoint_arg
@@ -37,8 +37,10 @@ class ExportResult:
 
 
 def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[Tokenizer | None], MethodInputs],
-                    max_seq_len: int, stage=lambda name: None):
-    """Loads the checkpoint and applies the method: (Checkpoint, tokenizer, quantized model)."""
+                    max_seq_len: int, stage=lambda name: None, memory_check: bool = True):
+    """Loads the checkpoint and applies the method: (Checkpoint, tokenizer, quantized model).
+    memory_check: first estimate the peak memory from the checkpoint's shape and refuse, with what
+    would lower it, when this machine does not have it (exporter/memory.py)."""
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise PtekitError(f"--max-seq-len {max_seq_len}: the KV cache needs at least 2 positions (prompt + one token)")
     spec = registry.get(method)
@@ -48,6 +50,12 @@ def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[T
         raise PtekitError(f"{ckpt.files[0].parent}: no tokenizer.json or tokenizer.model next to the weights")
     tok = Tokenizer(ckpt.tokenizer_path)
     inputs = inputs_for(tok)
+    if memory_check:
+        cfg = ckpt.config.replace(max_seq_len=max_seq_len)
+        needs = [memory.lowering_need(cfg, ckpt.parameters, max_seq_len)]
+        if (method_need := spec.memory_need()) is not None:
+            needs.append(method_need(cfg, ckpt.parameters, inputs))
+        memory.check(needs, where=str(checkpoint))
     # The weights as stored (a bf16 checkpoint stays bf16 and memory-mapped); each method converts
     # what it needs, ptq one layer at a time, so the float model is never held whole twice.
     model = build_model(ckpt, max_seq_len=max_seq_len, dtype=None)
@@ -60,7 +68,8 @@ def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[T
 
 def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int = 2048, eval_method: bool = False,
            calibration: Path | None = None, device: str = "auto", steps: int | None = None, options: dict | None = None,
-           stage=lambda name: None, progress: bool = False, on_phase=lambda name: None) -> ExportResult:
+           stage=lambda name: None, progress: bool = False, on_phase=lambda name: None,
+           memory_check: bool = True) -> ExportResult:
     """stage(name): called as each step starts (the CLI prints them); on_phase(name): called as each
     step and each lowering phase starts (for measurements that need the finer split)."""
     # Not created yet: the directory appears at the end, whole, with every file in it.
@@ -76,7 +85,7 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
         stage(name)
         on_phase(name)
 
-    ckpt, tok, model = load_for_method(checkpoint, method, inputs_for, max_seq_len, both)
+    ckpt, tok, model = load_for_method(checkpoint, method, inputs_for, max_seq_len, both, memory_check)
     seconds["load_and_quantize"] = round(time.perf_counter() - t0, 2)
 
     stage("lower to XNNPACK")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from exporter.memory import RUNTIME_FLOOR, Need
 from quant import scheme
 from quant.embedding import Int8Embedding
 from quant.gptq import set_int4_weight
@@ -48,3 +49,11 @@ def _quantize_linear(linear: nn.Linear, config) -> None:
 
 def quantize(model: nn.Module, inputs=None) -> nn.Module:
     return apply_scheme(model)
+
+
+def memory_need(cfg, parameters: int, inputs=None) -> Need:
+    """The quantize stage's peak, estimated from the shape (exporter/memory.py) and fitted to the Llama 3.2 1B
+    and 3B shapes' measured peaks (5,096 and 11,561 MiB; BENCHMARKS.md): the checkpoint's mapped bf16 pages
+    (2 bytes a parameter, released as the quantized weights replace them) and the 4-bit weights and scales made
+    meanwhile, then the classifier in fp32 beside torchao's working copies of it (8 bytes per element)."""
+    return Need("quantize (ptq)", int(2.6 * parameters) + 8 * cfg.vocab_size * cfg.dim + RUNTIME_FLOOR)

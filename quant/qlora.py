@@ -53,6 +53,7 @@ from torch import nn
 
 from exporter.errors import PtekitError
 from exporter.manifest import file_sha256
+from exporter.memory import RUNTIME_FLOOR, Need
 from quant import lora, qat, sft_data
 from quant.method import MethodInputs, option_values, pop_preset, update_with_weights
 from quant.train import Dist, TrainConfig, init_distributed, process_device, sft_objective, train
@@ -315,3 +316,16 @@ def _leave_if_helper(d: Dist) -> None:
     dist.destroy_process_group()
     if not d.main:
         raise SystemExit(0)
+
+
+def memory_need(cfg, parameters: int, inputs: MethodInputs) -> Need:
+    """The training's peak, estimated from the shape (exporter/memory.py): the student and the BF16 teacher in
+    fp32 (8 bytes a parameter); the QAT round's gradients and AdamW's two moments (12 more); and the logits of
+    a micro-batch, the student's, the teacher's and their gradients and softmaxes (about 8 vocabulary-wide
+    fp32 rows per token)."""
+    s = QLoRASettings.from_inputs(inputs)
+    per_parameter = 8 + (12 if s.qat_steps > 0 else 0)
+    logits = 8 * 4 * s.micro_batch * s.seq_len * cfg.vocab_size
+    lower_it = "-O qat_steps=0 (adapters only, no AdamW state for the backbone)" if s.qat_steps > 0 else \
+        "-O micro_batch=1 -O seq_len=256, or a GPU (--device cuda)"
+    return Need("quantize (qlora)", per_parameter * parameters + logits + RUNTIME_FLOOR, lower_it)

@@ -27,6 +27,10 @@ class Method:
     def quantize(self) -> Callable:
         return importlib.import_module(self.module).quantize
 
+    def memory_need(self) -> Callable | None:
+        """The module's memory_need(cfg, parameters, inputs) -> exporter.memory.Need, when it defines one."""
+        return getattr(importlib.import_module(self.module), "memory_need", None)
+
     def settings_class(self):
         return getattr(importlib.import_module(self.module), self.settings) if self.settings else None
 

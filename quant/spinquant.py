@@ -45,6 +45,7 @@ from tqdm import tqdm
 from exporter.atomic import atomic_dir, atomic_path
 from exporter.errors import PtekitError
 from exporter.manifest import update_with_file
+from exporter.memory import RUNTIME_FLOOR, Need
 from exporter.progress import bar as progress_bar
 from quant import data, fake_quant, rotation
 from quant.cayley import CayleySGD
@@ -512,3 +513,10 @@ def load_result(work: Path, fp: str):
         elif not key.endswith(".scale"):
             floats[key] = t
     return floats, weights
+
+
+def memory_need(cfg, parameters: int, inputs) -> Need:
+    """The quantize stage's peak, estimated from the shape (exporter/memory.py): the model in fp32 (4 bytes a
+    parameter) beside the checkpoint's bf16 pages until they are released (2 more); the rotation training
+    and GPTQ hold one layer's copies and their windows' activations on top, small next to the weights."""
+    return Need("quantize (spinquant)", 6 * parameters + RUNTIME_FLOOR, "--method ptq, which needs no fp32 copy")
