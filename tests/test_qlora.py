@@ -312,6 +312,42 @@ def test_self_generated_data_is_the_models_own_text():
         assert int(model(seq[:, :1])[0, -1].argmax()) == a[0].tokens[1]
 
 
+def test_saved_work_of_another_run_is_an_error_naming_the_work_directory(tmp_path):
+    """One resume policy (quant.method): a round's state or the trained result saved under another
+    fingerprint is neither used nor overwritten; the run stops, saying what to delete."""
+    import re
+
+    from quant import qat, qlora
+    from quant.sft_data import Windows
+    from quant.train import Dist, TrainConfig, sft_objective, train
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 512, (4, 17), generator=g)
+    windows = Windows(tokens, torch.ones_like(tokens, dtype=torch.bool))
+    cfg = TrainConfig(steps=1, lr=1e-3, warmup_steps=0, micro_batch=2, grad_accum=1, checkpoint_every=0)
+    work = tmp_path / "qlora-work"
+    model = small_model()
+    objective = sft_objective(windows, cfg, Dist(), torch.device("cpu"), None)
+    state = work / "qat" / "state.pt"
+    train("qat", model, list(model.parameters()), objective, cfg, state, "fp-a", torch.device("cpu"), Dist(),
+          progress=False, work_dir=work)
+    saved = state.read_bytes()
+    start_over = rf"delete {re.escape(str(work))} to start over, or give the run another work directory"
+    with pytest.raises(PtekitError, match=rf"{re.escape(str(state))}: saved by a run with other settings.*{start_over}"):
+        train("qat", model, list(model.parameters()), objective, cfg, state, "fp-b", torch.device("cpu"), Dist(),
+              progress=False, work_dir=work)
+    assert state.read_bytes() == saved
+
+    trained = work / qlora.TRAINED
+    assert not qlora.load_trained(trained, small_model(), "fp-a", work)  # nothing saved yet
+    qat.prepare(model)  # what the result holds: the model still fake-quantized
+    qlora.save_trained(trained, model, {"fingerprint": "fp-a", "lora": None, "rotation": "none"})
+    with pytest.raises(PtekitError, match=rf"{start_over}.*delete only {re.escape(str(trained))}") as e:
+        qlora.load_trained(trained, small_model(), "fp-b", work)
+    assert "\n" not in str(e.value)
+    assert qlora.load_trained(trained, small_model(), "fp-a", work)
+
+
 def test_dpo_prefers_the_chosen_answers():
     from quant import dpo
     from quant.sft_data import PreferencePair
