@@ -17,6 +17,8 @@ from pathlib import Path
 from exporter import log
 from exporter.errors import PtekitError
 
+_log = log.get(__name__)
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                             warmup=a.warmup, threads=a.threads, eval_seq_len=a.eval_seq_len,
                             eval_max_tokens=a.eval_max_tokens, steps=a.steps, gguf=a.gguf, progress=not a.quiet)
         record = run(opts)
-        print(report.markdown(record))
-        print(f"wrote {a.out / 'benchmarks.json'}, {a.out / 'report.md'}, {a.out / 'chart.png'}", file=sys.stderr)
+        print(report.markdown(record))  # the table asked for, on stdout
+        _log.info(f"wrote {a.out / 'benchmarks.json'}, {a.out / 'report.md'}, {a.out / 'chart.png'}")
         return 0
     except PtekitError as e:
         print(f"error: {e}", file=sys.stderr)

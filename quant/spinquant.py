@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from exporter import log
 from exporter.atomic import atomic_dir, atomic_path
 from exporter.errors import PtekitError
 from exporter.manifest import update_with_file
@@ -61,6 +60,7 @@ from quant.method import (
 )
 from quant.ptq import apply_scheme
 
+_log = log.get(__name__)
 FORMAT = "ptekit-spinquant/1"
 STATE = "rotation_state.pt"
 RESULT = "result"  # the finished run's three files, written as one directory: all of them or none
@@ -231,8 +231,7 @@ def learn_rotations(model: nn.Module, pool: torch.Tensor, s: Settings, work_dir:
     else:
         run = _Run(state["r1"], state["r2"], device, s, state["optimizer"], state["step"], state["record"])
         if run.step < s.iterations:
-            tqdm.write(f"spinquant: resuming the rotation optimization at step {run.step} of {s.iterations}",
-                       file=sys.stderr)
+            _log.info(f"spinquant: resuming the rotation optimization at step {run.step} of {s.iterations}")
     bar = progress_bar(range(run.step, s.iterations), desc="spinquant rotations", unit="step", disable=not progress,
                initial=run.step, total=s.iterations)
     for _ in bar:
@@ -302,7 +301,7 @@ def _start(loss_fn, pool, s: Settings, cfg, device, progress: bool) -> _Run:
             scores[name] = round(quantized_loss(loss_fn, pool, s, r1, r2), 5)
     best = min(scores, key=scores.get)
     what = f"mean loss of the first {s.init_probe} steps" if s.init_probe else "quantized calibration loss at start"
-    tqdm.write(f"spinquant: {what} {scores}; going on from {best}", file=sys.stderr)
+    _log.info(f"spinquant: {what} {scores}; going on from {best}")
     run = runs[best]
     run.record.update(init=best, init_losses=scores, init_probe=s.init_probe)
     return run
@@ -352,8 +351,8 @@ def _prepare(model: nn.Module, s: Settings) -> bool:
         return False
     rotation.fold_norms(model)
     if s.r4 and not rotation.r4_supported(model.config.hidden_dim):
-        tqdm.write(f"spinquant: no Hadamard construction for the FFN size {model.config.hidden_dim}; "
-                   "running without the online R4 transform", file=sys.stderr)
+        _log.warning(f"spinquant: no Hadamard construction for the FFN size {model.config.hidden_dim}; "
+                     "running without the online R4 transform")
         return False
     if s.r4:
         rotation.insert_r4(model)
@@ -394,8 +393,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
 
     saved = load_result(work, fp)
     if saved is not None:
-        tqdm.write(f"spinquant: using the rotated, quantized checkpoint in {work} (delete it to optimize again)",
-                   file=sys.stderr)
+        _log.info(f"spinquant: using the rotated, quantized checkpoint in {work} (delete it to optimize again)")
         _prepare(model, s)
         floats, weights = saved
         loaded = model.load_state_dict(floats, strict=False)  # the block linears come as integers below
@@ -411,8 +409,8 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     if s.rotation == "learned":
         pool = data.windows(stream, s.train_seq_len, s.seed, at_least=s.train_batch, source=calibration)
         if s.iterations * s.train_batch > len(pool):
-            tqdm.write(f"spinquant: {calibration} holds {len(pool)} windows of {s.train_seq_len} tokens; the "
-                       f"{s.iterations * s.train_batch} training samples go through them more than once", file=sys.stderr)
+            _log.warning(f"spinquant: {calibration} holds {len(pool)} windows of {s.train_seq_len} tokens; the "
+                         f"{s.iterations * s.train_batch} training samples go through them more than once")
         r1, r2, record = learn_rotations(model, pool, s, work, train_fp, device)
     elif s.rotation == "hadamard":
         r1, r2 = random_rotations(model.config, s.seed)
