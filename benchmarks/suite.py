@@ -25,6 +25,7 @@ from pathlib import Path
 
 from exporter import log
 from exporter.atomic import ensure_writable_dir, write_text
+from exporter.defaults import EVAL_SEQ_LEN
 from exporter.errors import PtekitError
 from quant import registry
 
@@ -60,7 +61,7 @@ class SuiteOptions:
     runs: int = 3
     warmup: int = 1
     threads: int = 0  # 0: every core of this machine, for every runtime alike
-    eval_seq_len: int = 512
+    eval_seq_len: int = EVAL_SEQ_LEN  # `ptekit eval`'s default window
     eval_max_tokens: int = 16384  # 0: no quality evaluation (the random 1B model's default)
     steps: int | None = None  # spinquant/qlora optimization steps (None: the method's default)
     gguf: Path | None = None  # the llama.cpp peer's GGUF (default for smollm2: the embedded one)
@@ -226,7 +227,7 @@ def step_bench(name: str, pte: Path, opts: SuiteOptions, tokenizer: Path | None 
 
 
 def step_quality(method: str, pte: Path, opts: SuiteOptions) -> dict | None:
-    from benchmarks.quality import EvalOptions, evaluate
+    from exporter.evaluate import EvalOptions, evaluate
 
     if not opts.eval_max_tokens:
         return None

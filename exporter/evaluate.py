@@ -1,4 +1,5 @@
-"""How far a quantized model is from its BF16 original: perplexity, KL divergence, top-1 agreement.
+"""`ptekit eval`: how far a quantized model is from its BF16 original: perplexity, KL divergence,
+top-1 agreement. The CLI's command and the benchmark suite both call evaluate().
 
 The convention is the one perplexity papers (GPTQ, SpinQuant) and llama.cpp use on WikiText-2:
 the raw test text joined as it is, tokenized once (no BOS inserted), cut into non-overlapping
@@ -32,25 +33,25 @@ import torch.nn.functional as F
 
 from exporter import log
 from exporter.atomic import write_text
-from exporter.defaults import CALIBRATION_FILE, WIKITEXT2_FILES, WIKITEXT2_TEST
+from exporter.defaults import (
+    CALIBRATION_FILE,
+    EVAL_BATCH_TOKENS,
+    EVAL_SEQ_LEN,
+    PYTHON_DOCS,
+    PYTHON_DOCS_FILE,
+    WIKITEXT2,
+    WIKITEXT2_FILES,
+    WIKITEXT2_TEST,
+)
 from exporter.errors import PtekitError
 from quant import registry
 
 _log = log.get(__name__)
-DEFAULT_SEQ_LEN = 512
-WIKITEXT2 = "wikitext2"
-# The second domain every quality table reports: technical reference text that no method trains
-# or calibrates on, shipped with ptekit (benchmarks/data/README.md says what it is and its licence).
-PYTHON_DOCS = "python-docs"
-PYTHON_DOCS_FILE = Path(__file__).parent / "data" / "python-stdlib-docs.txt"
 # The calibration/training split (../shared/data/README.md): scoring on it flatters every
 # method that was fitted to it, so it is refused unless asked for.
 CALIBRATION_SPLIT = CALIBRATION_FILE
 CALIBRATION_SHA256 = WIKITEXT2_FILES[CALIBRATION_FILE]
 REFERENCE_METHOD = registry.BASELINE
-# Eager windows per forward: about this many tokens at once (the logits alone are
-# tokens x vocab x 4 bytes per model: 0.4 GB for SmolLM2 at 2048).
-BATCH_TOKENS = 2048
 
 
 @dataclass
@@ -59,14 +60,14 @@ class EvalOptions:
     method: str | None = None  # checkpoints: default "ptq"; a .pte: read from its manifest
     reference: str | None = None  # default: the target checkpoint, or the .pte's manifest source
     data: str = WIKITEXT2
-    seq_len: int = DEFAULT_SEQ_LEN
+    seq_len: int = EVAL_SEQ_LEN
     max_tokens: int | None = None
     allow_calibration_data: bool = False
     work_dir: Path | None = None  # for methods that optimize (spinquant, qlora)
     steps: int | None = None
     device: str = "auto"
     options: dict | None = None  # method options, as `ptekit export --option`
-    batch_tokens: int = BATCH_TOKENS
+    batch_tokens: int = EVAL_BATCH_TOKENS
     # Eager targets: torchao's own fp32 path instead of bf16 GEMMs on pre-dequantized weights
     # (quant.eval_view); about 1.5x slower (190 s against 122-128 s measured), for checking the fast path.
     exact_eager: bool = False
