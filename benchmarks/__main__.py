@@ -25,7 +25,8 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.suite import ALL_PEERS, RANDOM_1B, SuiteOptions
+    from benchmarks import report
+    from benchmarks.suite import ALL_PEERS, RANDOM_1B, SuiteOptions, run
 
     d = SuiteOptions()
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
@@ -60,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.eval_max_tokens is None:
         a.eval_max_tokens = 0 if a.model == RANDOM_1B else d.eval_max_tokens
     try:
-        from benchmarks import report
-        from benchmarks.suite import run
-
         opts = SuiteOptions(model=a.model, methods=a.methods, peers=a.peers, device=a.device, runner=a.runner,
                             out=a.out, max_seq_len=a.max_seq_len, prompt_len=a.prompt_len, gen=a.gen, runs=a.runs,
                             warmup=a.warmup, threads=a.threads, eval_seq_len=a.eval_seq_len,

@@ -8,7 +8,8 @@ size, and its .pte through the same harness) and llama.cpp (llama-cpp-python) on
 model. A roofline puts every decode speed against this machine's measured memory bandwidth.
 
 Every step writes its JSON under the output directory before the next starts, and a re-run skips
-the steps whose JSON is there (an interrupted suite resumes), so `--methods` can grow a finished run.
+a step whose JSON is there and was made the same way (the same command, settings and .pte), so an
+interrupted suite resumes and `--methods` can grow a finished run.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class SuiteOptions:
     gen: int = 128
     runs: int = 3
     warmup: int = 1
-    threads: int = 0  # 0: every core of this machine, for every runtime alike
+    threads: int = 0  # 0: every core of the machine that runs the model (_threads)
     eval_seq_len: int = EVAL_SEQ_LEN  # `ptekit eval`'s default window
     eval_max_tokens: int = 16384  # 0: no quality evaluation (the random 1B model's default)
     steps: int | None = None  # spinquant/qlora optimization steps (None: the method's default)
