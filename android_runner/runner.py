@@ -19,6 +19,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from exporter import log
+
+_log = log.get(__name__)
+
 # name -> (type, default, help), as in executorch/examples/models/llama/main.cpp.
 FLAGS = {
     "model_path": (str, "llama2.pte", "Model serialized in flatbuffer format."),
@@ -93,18 +97,16 @@ def rss_mib(field: str = "VmRSS") -> float:
     return 0.0
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
+    # Its lines go to stderr, as llama_main's do, where the harness reads them (android_runner.stats).
+    log.setup()
     try:
         flags = parse_flags(sys.argv[1:] if argv is None else argv)
     except FlagError as e:
         if str(e) == "help":
             print(usage())
             return 0
-        log(f"ERROR: {e}")
+        _log.error(f"ERROR: {e}")
         return 1
 
     from exporter.lower import load_executorch_ops
@@ -114,15 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     from executorch.extension.pybindings import portable_lib
 
     if flags["cpu_threads"] > 0:
-        log(f"Resetting threadpool with num threads = {flags['cpu_threads']}")
+        _log.info(f"Resetting threadpool with num threads = {flags['cpu_threads']}")
         portable_lib._unsafe_reset_threadpool(flags["cpu_threads"])
-    log(f"ptekit-runner: threads = {portable_lib._threadpool_get_thread_count()}")
-    log(f"ptekit-runner: RSS before model load: {rss_mib():.1f} MiB (anonymous {rss_mib('RssAnon'):.1f} MiB, "
+    _log.info(f"ptekit-runner: threads = {portable_lib._threadpool_get_thread_count()}")
+    _log.info(f"ptekit-runner: RSS before model load: {rss_mib():.1f} MiB (anonymous {rss_mib('RssAnon'):.1f} MiB, "
         f"file-backed {rss_mib('RssFile'):.1f} MiB)")
 
     data = [p for p in flags["data_paths"].split(",") if p]
     if len(data) > 1:
-        log("ERROR: the host runner takes one --data_paths file (ExecuTorch's Python TextLLMRunner takes one)")
+        _log.error("ERROR: the host runner takes one --data_paths file (ExecuTorch's Python TextLLMRunner takes one)")
         return 1
     try:
         runner = TextLLMRunner(flags["model_path"], flags["tokenizer_path"], data[0] if data else None)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                   num_bos=flags["num_bos"], num_eos=flags["num_eos"])
         runner.generate(flags["prompt"], config)
     except RuntimeError as e:
-        log(f"Failed to run llama runner: {e}")
+        _log.error(f"Failed to run llama runner: {e}")
         return 1
     sys.stdout.flush()
     return 0

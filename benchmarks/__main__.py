@@ -17,13 +17,16 @@ from pathlib import Path
 from exporter import log
 from exporter.errors import PtekitError
 
+_log = log.get(__name__)
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.suite import ALL_PEERS, RANDOM_MODELS, SuiteOptions
+    from benchmarks import report
+    from benchmarks.suite import ALL_PEERS, RANDOM_MODELS, SuiteOptions, run
 
     d = SuiteOptions()
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
@@ -59,16 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.eval_max_tokens is None:
         a.eval_max_tokens = 0 if a.model in RANDOM_MODELS else d.eval_max_tokens
     try:
-        from benchmarks import report
-        from benchmarks.suite import run
-
         opts = SuiteOptions(model=a.model, methods=a.methods, peers=a.peers, device=a.device, runner=a.runner,
                             out=a.out, max_seq_len=a.max_seq_len, prompt_len=a.prompt_len, gen=a.gen, runs=a.runs,
                             warmup=a.warmup, threads=a.threads, eval_seq_len=a.eval_seq_len,
                             eval_max_tokens=a.eval_max_tokens, steps=a.steps, gguf=a.gguf, progress=not a.quiet)
         record = run(opts)
-        print(report.markdown(record))
-        print(f"wrote {a.out / 'benchmarks.json'}, {a.out / 'report.md'}, {a.out / 'chart.png'}", file=sys.stderr)
+        print(report.markdown(record))  # the table asked for, on stdout
+        _log.info(f"wrote {a.out / 'benchmarks.json'}, {a.out / 'report.md'}, {a.out / 'chart.png'}")
         return 0
     except PtekitError as e:
         print(f"error: {e}", file=sys.stderr)

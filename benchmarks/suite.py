@@ -8,7 +8,8 @@ size, and its .pte through the same harness) and llama.cpp (llama-cpp-python) on
 model. A roofline puts every decode speed against this machine's measured memory bandwidth.
 
 Every step writes its JSON under the output directory before the next starts, and a re-run skips
-the steps whose JSON is there (an interrupted suite resumes), so `--methods` can grow a finished run.
+a step whose JSON is there and was made the same way (the same command, settings and .pte), so an
+interrupted suite resumes and `--methods` can grow a finished run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from exporter import log
 from exporter.atomic import ensure_writable_dir, write_text
+from exporter.defaults import EVAL_SEQ_LEN
 from exporter.errors import PtekitError
 from quant import registry
 
@@ -60,8 +62,8 @@ class SuiteOptions:
     gen: int = 128
     runs: int = 3
     warmup: int = 1
-    threads: int = 0  # 0: every core of this machine, for every runtime alike
-    eval_seq_len: int = 512
+    threads: int = 0  # 0: every core of the machine that runs the model (_threads)
+    eval_seq_len: int = EVAL_SEQ_LEN  # `ptekit eval`'s default window
     eval_max_tokens: int = 16384  # 0: no quality evaluation (the random 1B model's default)
     steps: int | None = None  # spinquant/qlora optimization steps (None: the method's default)
     gguf: Path | None = None  # the llama.cpp peer's GGUF (default for smollm2: the embedded one)
@@ -227,7 +229,7 @@ def step_bench(name: str, pte: Path, opts: SuiteOptions, tokenizer: Path | None 
 
 
 def step_quality(method: str, pte: Path, opts: SuiteOptions) -> dict | None:
-    from benchmarks.quality import EvalOptions, evaluate
+    from exporter.evaluate import EvalOptions, evaluate
 
     if not opts.eval_max_tokens:
         return None

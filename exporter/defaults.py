@@ -45,6 +45,18 @@ WIKITEXT2_FILES = {
 }
 DATA_ENV = "PTEKIT_DATA"
 
+# `ptekit eval --data`: WikiText-2's test split from the data directory, or the second domain every
+# quality table reports, technical reference text that no method trains or calibrates on, shipped with
+# ptekit (exporter/data/README.md says what it is and its licence). Here rather than in
+# exporter.evaluate so the command line's help needs no torch.
+WIKITEXT2 = "wikitext2"
+PYTHON_DOCS = "python-docs"
+PYTHON_DOCS_FILE = Path(__file__).parent / "data" / "python-stdlib-docs.txt"
+EVAL_SEQ_LEN = 512  # `ptekit eval --seq-len`
+# Eager windows per forward: about this many tokens at once (the logits alone are
+# tokens x vocab x 4 bytes per model: 0.4 GB for SmolLM2 at 2048).
+EVAL_BATCH_TOKENS = 2048
+
 
 def user_data_dir() -> Path:
     """The user's data directory: $XDG_CACHE_HOME/ptekit/data (default ~/.cache/ptekit/data)."""

@@ -24,6 +24,9 @@ LIBRARY_MODULES = r"(torch|torchao|executorch)(\..*)?$"
 
 def quiet_libraries() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # Importing torch resets its "torch" logger to WARNING, and the command line imports torch only
+    # inside a command, after this has run; torch reads the level from TORCH_LOGS on that import.
+    os.environ.setdefault("TORCH_LOGS", "-torch")
     warnings.filterwarnings("ignore", module=LIBRARY_MODULES)
     for name in ("torchao", "torch", "executorch", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
-from exporter.defaults import CALIBRATION_FILE
+from exporter.defaults import CALIBRATION_FILE, data_file
 from exporter.errors import PtekitError
 
 
 def default_calibration() -> Path:
-    from exporter.defaults import data_file
-
     return data_file(CALIBRATION_FILE)
 
 

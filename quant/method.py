@@ -108,3 +108,50 @@ def update_with_weights(h, model):
         h.update(name.encode())
         h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
     return h
+
+
+# --- resuming ----------------------------------------------------------------------------------
+# One policy for everything a method keeps under its work directory (training checkpoints, the
+# optimization state, the finished result): it is taken up only by a run with the same fingerprint
+# (weights, data, settings), and a run that finds work saved under another fingerprint stops with
+# one line naming the directory. It is never discarded or overwritten silently: it can be hours of
+# training, and a changed option is as likely a slip as a wish to start over.
+
+def start_over(work_dir: Path) -> str:
+    """How to start over, as the command lines offer it: export's work directory is <out>/<method>-work."""
+    return (f"delete {work_dir} to start over, or give the run another work directory "
+            "(`ptekit export -o OTHER`, `ptekit eval --work-dir OTHER`)")
+
+
+def stale_work(path: Path, work_dir: Path, keep: str | None = None) -> PtekitError:
+    """The error for saved work that this run's fingerprint does not match; keep: how to start over
+    from part of it, where a method can."""
+    hint = f"; or {keep}" if keep else ""
+    return PtekitError(f"{path}: saved by a run with other settings, data or weights; {start_over(work_dir)}{hint}")
+
+
+def unreadable_work(path: Path, work_dir: Path, why: str) -> PtekitError:
+    return PtekitError(f"{path}: cannot be read ({why}); {start_over(work_dir)}")
+
+
+def check_fingerprint(path: Path, saved: str | None, fingerprint: str, work_dir: Path, keep: str | None = None) -> None:
+    """The resume policy above, for work whose fingerprint the method has read from `path`."""
+    if saved != fingerprint:
+        raise stale_work(path, work_dir, keep)
+
+
+def load_state(path: Path, fingerprint: str, work_dir: Path) -> dict | None:
+    """A torch.save'd dict with a "fingerprint" key, by the resume policy above; None when there is none."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise unreadable_work(path, work_dir, type(e).__name__) from None
+    if not isinstance(state, dict):
+        raise unreadable_work(path, work_dir, f"a {type(state).__name__}, not a saved state")
+    check_fingerprint(path, state.get("fingerprint"), fingerprint, work_dir)
+    return state

@@ -55,7 +55,14 @@ from exporter.errors import PtekitError
 from exporter.manifest import file_sha256
 from exporter.memory import RUNTIME_FLOOR, Need
 from quant import lora, qat, sft_data
-from quant.method import MethodInputs, option_values, pop_preset, update_with_weights
+from quant.method import (
+    MethodInputs,
+    check_fingerprint,
+    option_values,
+    pop_preset,
+    unreadable_work,
+    update_with_weights,
+)
 from quant.train import Dist, TrainConfig, init_distributed, process_device, sft_objective, train
 
 TRAINED = "trained"
@@ -197,15 +204,21 @@ def save_trained(d: Path, model: nn.Module, meta: dict) -> None:
         (tmp / "qlora.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_trained(d: Path, model: nn.Module, fingerprint: str) -> bool:
+def load_trained(d: Path, model: nn.Module, fingerprint: str, work_dir: Path | None = None) -> bool:
     """Rebuilds the trained, fake-quantized model on `model` (in place) when d holds the result of
-    these settings; False when it does not."""
+    these settings; False when d holds none. A result of other settings is an error naming
+    work_dir (default: d's folder), quant.method's resume policy."""
+    work_dir = work_dir or d.parent
     meta_path = d / "qlora.json"
     if not meta_path.exists():
         return False
-    meta = json.loads(meta_path.read_text())
-    if meta.get("fingerprint") != fingerprint:
-        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise unreadable_work(meta_path, work_dir, type(e).__name__) from None
+    # Deleting the result alone keeps the rounds whose fingerprints still match (they are chained).
+    check_fingerprint(meta_path, meta.get("fingerprint"), fingerprint, work_dir,
+                      keep=f"delete only {d} to keep the training rounds whose settings did not change")
     from safetensors.torch import load_file
 
     if meta.get("rotation", "none") != "none":
@@ -256,7 +269,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     meta = {"fingerprint": prev, "lora": {"rank": s.rank, "scale": s.scale} if s.lora_steps > 0 else None,
             "rounds": {name: dataclasses.asdict(cfg) for name, cfg in rounds},
             "data": str(src), "seq_len": seq_len, "rotation": s.rotation}
-    if load_trained(work / TRAINED, model, prev):
+    if load_trained(work / TRAINED, model, prev, work):
         _leave_if_helper(d)
         return apply_scheme(model, qat.convert(model))
 
@@ -278,7 +291,8 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     kd_teacher = teacher if s.kd_weight else None
     if s.qat_steps > 0:  # 0: the adapters learn on the round-to-nearest backbone (full AdamW state not needed)
         train("round 1: QAT", model, list(model.parameters()), sft_objective(windows, cfg, d, device, kd_teacher),
-              cfg, work / "qat" / "state.pt", fps["qat"], device, d, progress=s.progress)
+              cfg, work / "qat" / "state.pt", fps["qat"], device, d, progress=s.progress,
+              work_dir=work)
 
     if s.lora_steps > 0:
         torch.manual_seed(inputs.seed)  # the adapters' initial values, the same on every process
@@ -286,7 +300,8 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
         model.to(device)
         cfg = dict(rounds)["lora"]
         train("round 2: LoRA", model, lora.lora_parameters(model), sft_objective(windows, cfg, d, device, kd_teacher),
-              cfg, work / "lora" / "state.pt", fps["lora"], device, d, progress=s.progress)
+              cfg, work / "lora" / "state.pt", fps["lora"], device, d, progress=s.progress,
+              work_dir=work)
 
     if s.dpo_data:
         from quant import dpo
@@ -297,7 +312,8 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
         train("round 3: DPO", model, list(model.parameters()),
               dpo.objective(pairs, reference, cfg, d, device, s.dpo_beta, seq_len), cfg,
-              work / "dpo" / "state.pt", fps["dpo"], device, d, progress=s.progress)
+              work / "dpo" / "state.pt", fps["dpo"], device, d, progress=s.progress,
+              work_dir=work)
 
     model.to("cpu")
     if d.main:

@@ -17,7 +17,6 @@ BLOCK_WEIGHT_DTYPE = torch.int4
 GROUP_SIZE = 32
 CLASSIFIER_WEIGHT_DTYPE = torch.int8
 EMBEDDING_WEIGHT_DTYPE = torch.int8
-ACTIVATION_DTYPE = torch.int8  # per token, dynamic
 # XNNPACK stores the scales of group-quantized weights in bf16 (executorch's node_visitor casts
 # them when it serializes). Quantizing against bf16 scales from the start makes the eager model,
 # GPTQ's error feedback and QAT's fake quantizers hold exactly the numbers the .pte holds.

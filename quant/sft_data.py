@@ -1,11 +1,13 @@
 """Training data for qlora: files or the model's own samples -> fixed-length token windows with a
 mask saying which targets are trained on.
 
-Three file formats, one example per line for the JSONL ones:
-- chat JSONL: {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
+Files are read by quant.data's rules, as calibration and evaluation read them: plain text, or
+JSONL with one example per line:
+- chat: {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
   rendered with the tokenizer's chat template; only the assistant turns are targets;
-- prompt/response JSONL: {"prompt": ..., "response": ...}, i.e. a one-turn chat;
-- plain text (anything that is not JSONL): every token is a target.
+- prompt/response: {"prompt": ..., "response": ...}, i.e. a one-turn chat;
+- text: {"text": ...} or a JSON string: every token is a target, as in a plain-text file (which is
+  one example).
 With no file, the BF16 model writes its own training text (data-free, as in LLM-QAT).
 
 Examples are packed end to end and cut into windows of seq_len + 1 tokens (inputs and shifted
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from exporter.errors import PtekitError
-from quant.data import is_jsonl, jsonl_records, read_file
+from quant.data import is_jsonl, jsonl_records, read_file, record_text
 
 SELF_GENERATED = "self"  # `--data self`: generate the training text from the BF16 model
 
@@ -64,25 +66,33 @@ def read_text(path: Path) -> str:
 
 
 def load_examples(path: Path, tok) -> list[Example]:
-    """A training file (chat JSONL, prompt/response JSONL or plain text) -> examples."""
+    """A training file (chat, prompt/response or text JSONL, or plain text) -> examples."""
     path = Path(path)
     text = read_text(path)
     if not is_jsonl(path, text):
-        ids = tok.encode(text)
-        return [Example(ids, [True] * len(ids))]
+        return [text_example(text, tok)]
     examples = []
-    for n, rec in jsonl_records(path, text):
-        if "messages" in rec:
-            messages = rec["messages"]
-        elif "prompt" in rec and "response" in rec:
+    for n, rec in jsonl_records(path, text, strings=True):
+        where = f"{path}:{n}"
+        if isinstance(rec, dict) and "messages" in rec:
+            examples.append(chat_example(rec["messages"], tok, where))
+        elif isinstance(rec, dict) and "prompt" in rec and "response" in rec:
             messages = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+            examples.append(chat_example(messages, tok, where))
+        elif isinstance(rec, str) or isinstance(rec.get("text"), str):
+            examples.append(text_example(record_text(rec, where), tok))
         else:
             raise PtekitError(
-                f"{path}:{n}: unknown record with keys {sorted(rec)}; expected {{\"messages\": [...]}} or "
-                "{\"prompt\": ..., \"response\": ...}"
+                f"{where}: unknown record with keys {sorted(rec)}; expected {{\"messages\": [...]}}, "
+                "{\"prompt\": ..., \"response\": ...} or {\"text\": ...}"
             )
-        examples.append(chat_example(messages, tok, f"{path}:{n}"))
     return examples
+
+
+def text_example(text: str, tok) -> Example:
+    """Plain text: every token is a target."""
+    ids = tok.encode(text)
+    return Example(ids, [True] * len(ids))
 
 
 def _check_messages(messages, where: str) -> None:

@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from exporter import log
 from exporter.atomic import atomic_dir, atomic_path
 from exporter.errors import PtekitError
 from exporter.manifest import update_with_file
@@ -51,9 +50,18 @@ from quant import data, fake_quant, rotation
 from quant.cayley import CayleySGD
 from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn
 from quant.hadamard import random_hadamard
-from quant.method import option_values, pop_preset, resolve_device, update_with_weights
+from quant.method import (
+    check_fingerprint,
+    load_state,
+    option_values,
+    pop_preset,
+    resolve_device,
+    unreadable_work,
+    update_with_weights,
+)
 from quant.ptq import apply_scheme
 
+_log = log.get(__name__)
 FORMAT = "ptekit-spinquant/1"
 STATE = "rotation_state.pt"
 RESULT = "result"  # the finished run's three files, written as one directory: all of them or none
@@ -212,19 +220,19 @@ def quantized_loss(loss_fn: QuantizedLoss, pool: torch.Tensor, s: Settings, r1, 
 def learn_rotations(model: nn.Module, pool: torch.Tensor, s: Settings, work_dir: Path, fingerprint: str,
                     device: str = "cpu", on_step=None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Cayley SGD on R1, R2 from a folded model. Saves its state after every step under work_dir
-    and continues from there when the state matches `fingerprint`. on_step(step, loss) is called
-    after each saved step. Returns (R1, R2, record)."""
+    and continues from there when the state matches `fingerprint` (a state that does not is an
+    error: quant.method's resume policy). on_step(step, loss) is called after each saved step.
+    Returns (R1, R2, record)."""
     loss_fn = QuantizedLoss(model, device, s.checkpoint_layers and device != "cpu", s.bf16)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     state_path = Path(work_dir) / STATE
-    state = _load_state(state_path, fingerprint)
+    state = load_state(state_path, fingerprint, work_dir)
     if state is None:
         run = _start(loss_fn, pool, s, model.config, device, progress)
     else:
         run = _Run(state["r1"], state["r2"], device, s, state["optimizer"], state["step"], state["record"])
         if run.step < s.iterations:
-            tqdm.write(f"spinquant: resuming the rotation optimization at step {run.step} of {s.iterations}",
-                       file=sys.stderr)
+            _log.info(f"spinquant: resuming the rotation optimization at step {run.step} of {s.iterations}")
     bar = progress_bar(range(run.step, s.iterations), desc="spinquant rotations", unit="step", disable=not progress,
                initial=run.step, total=s.iterations)
     for _ in bar:
@@ -294,7 +302,7 @@ def _start(loss_fn, pool, s: Settings, cfg, device, progress: bool) -> _Run:
             scores[name] = round(quantized_loss(loss_fn, pool, s, r1, r2), 5)
     best = min(scores, key=scores.get)
     what = f"mean loss of the first {s.init_probe} steps" if s.init_probe else "quantized calibration loss at start"
-    tqdm.write(f"spinquant: {what} {scores}; going on from {best}", file=sys.stderr)
+    _log.info(f"spinquant: {what} {scores}; going on from {best}")
     run = runs[best]
     run.record.update(init=best, init_losses=scores, init_probe=s.init_probe)
     return run
@@ -315,25 +323,11 @@ def _save_state(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _load_state(path: Path, fingerprint: str) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged state only costs the optimization redone
-        tqdm.write(f"spinquant: {path} is unreadable ({type(e).__name__}); starting the optimization over", file=sys.stderr)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        tqdm.write(f"spinquant: {path} is from another model or settings; starting the optimization over", file=sys.stderr)
-        return None
-    return state
-
-
 # --- the method ---------------------------------------------------------------------------------
 
 
 # What the learned rotations depend on; the GPTQ settings are left out so that changing them
-# reuses finished rotations.
+# reuses finished rotations (once the old result is deleted: load_result says so).
 TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "train_batch", "train_seq_len",
                    "init_probe", "init_eval_batches", "bf16", "seed")
 
@@ -358,8 +352,8 @@ def _prepare(model: nn.Module, s: Settings) -> bool:
         return False
     rotation.fold_norms(model)
     if s.r4 and not rotation.r4_supported(model.config.hidden_dim):
-        tqdm.write(f"spinquant: no Hadamard construction for the FFN size {model.config.hidden_dim}; "
-                   "running without the online R4 transform", file=sys.stderr)
+        _log.warning(f"spinquant: no Hadamard construction for the FFN size {model.config.hidden_dim}; "
+                     "running without the online R4 transform")
         return False
     if s.r4:
         rotation.insert_r4(model)
@@ -400,8 +394,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
 
     saved = load_result(work, fp)
     if saved is not None:
-        tqdm.write(f"spinquant: using the rotated, quantized checkpoint in {work} (delete it to optimize again)",
-                   file=sys.stderr)
+        _log.info(f"spinquant: using the rotated, quantized checkpoint in {work} (delete it to optimize again)")
         _prepare(model, s)
         floats, weights = saved
         loaded = model.load_state_dict(floats, strict=False)  # the block linears come as integers below
@@ -417,8 +410,8 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     if s.rotation == "learned":
         pool = data.windows(stream, s.train_seq_len, s.seed, at_least=s.train_batch, source=calibration)
         if s.iterations * s.train_batch > len(pool):
-            tqdm.write(f"spinquant: {calibration} holds {len(pool)} windows of {s.train_seq_len} tokens; the "
-                       f"{s.iterations * s.train_batch} training samples go through them more than once", file=sys.stderr)
+            _log.warning(f"spinquant: {calibration} holds {len(pool)} windows of {s.train_seq_len} tokens; the "
+                         f"{s.iterations * s.train_batch} training samples go through them more than once")
         r1, r2, record = learn_rotations(model, pool, s, work, train_fp, device)
     elif s.rotation == "hadamard":
         r1, r2 = random_rotations(model.config, s.seed)
@@ -486,24 +479,33 @@ def _result_manifest(fp: str, s: Settings, r1, r2, r4: bool, record: dict, secon
 
 
 def load_result(work: Path, fp: str):
-    """(float tensors, {linear: (integers, scales)}) saved by a finished run with this fingerprint, else None."""
+    """(float tensors, {linear: (integers, scales)}) saved by a finished run with this fingerprint;
+    None when there is no result. A result of another run is an error (quant.method's resume policy)."""
     result = work / RESULT
     path = result / MANIFEST
-    if not path.exists() or not (result / CHECKPOINT).exists():
+    # The result is written as one directory (save_result), so it is there whole or not at all.
+    if not result.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if manifest.get("format") != FORMAT or manifest.get("fingerprint") != fp:
-        return None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise unreadable_work(path, work, type(e).__name__) from None
+    if manifest.get("format") != FORMAT:
+        raise unreadable_work(path, work, f"format {manifest.get('format')!r}, not {FORMAT}")
+    # The rotations depend on fewer settings than the result (TRAINING_FIELDS), so deleting the
+    # result alone redoes GPTQ with the learned rotations, when those still match.
+    keep = f"delete only {result} to redo GPTQ with the learned rotations kept"
+    check_fingerprint(path, manifest.get("fingerprint"), fp, work, keep)
     from safetensors import safe_open
 
     # The checkpoint carries the fingerprint too, so a result directory assembled by hand from two
     # runs is not taken for either.
-    with safe_open(str(result / CHECKPOINT), framework="pt") as f:
-        if (f.metadata() or {}).get("fingerprint") != fp:
-            return None
+    try:
+        f = safe_open(str(result / CHECKPOINT), framework="pt")
+    except Exception as e:  # a missing or damaged file: safetensors raises its own types
+        raise unreadable_work(result / CHECKPOINT, work, type(e).__name__) from None
+    with f:
+        check_fingerprint(result / CHECKPOINT, (f.metadata() or {}).get("fingerprint"), fp, work, keep)
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     weights, floats = {}, {}
     for key, t in tensors.items():

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from exporter.errors import PtekitError
-from quant.method import resolve_device
+from quant.method import load_state, resolve_device
 from quant.sft_data import Windows
 
 STATE = "state.pt"
@@ -203,20 +202,6 @@ def save_state(path: Path, model: nn.Module, names: list[str], opt, sched, step:
         torch.save(state, tmp)
 
 
-def load_state(path: Path, fingerprint: str) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged file
-        raise PtekitError(f"{path}: cannot read the training checkpoint ({type(e).__name__}); delete it to start "
-                          "this round again") from None
-    if state.get("fingerprint") != fingerprint:
-        raise PtekitError(f"{path}: this checkpoint was written by a run with other settings, data or weights; "
-                          f"delete {path.parent} (or export to another -o) to train afresh")
-    return state
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 
@@ -235,10 +220,12 @@ Objective = Callable[[nn.Module, int, int], tuple[torch.Tensor, dict, int]]
 
 def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Objective, cfg: TrainConfig,
           state_path: Path, fingerprint: str, device: torch.device, d: Dist,
-          on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
+          on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
+          work_dir: Path | None = None) -> dict:
     """Trains `params` of `model` (in place) for cfg.steps steps; resumes from state_path if it
     holds an unfinished run with the same fingerprint, and only restores the parameters if that
-    run has finished. `objective(forward, step, a)` returns micro-batch a's (loss, parts, tokens)
+    run has finished; a state with another fingerprint is an error naming work_dir (default: the
+    state's folder), quant.method's resume policy. `objective(forward, step, a)` returns micro-batch a's (loss, parts, tokens)
     computed through `forward` (the model, or its DDP wrapper). Returns the last step's metrics."""
     from exporter.progress import bar as progress_bar
 
@@ -254,7 +241,7 @@ def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Ob
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg))
 
     start = 0
-    state = load_state(state_path, fingerprint)
+    state = load_state(state_path, fingerprint, work_dir or Path(state_path).parent)
     if state is not None:
         named = dict(model.named_parameters())
         with torch.no_grad():

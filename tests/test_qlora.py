@@ -226,6 +226,38 @@ def test_plain_text_trains_on_every_token_and_packs_into_windows(tok, tmp_path):
     assert w.tokens[0, -1] == w.tokens[1, 0] == ex.tokens[16]  # windows overlap by the shifted target
 
 
+def test_text_jsonl_trains_on_every_token_of_the_text_the_other_readers_see(tok, tmp_path):
+    """{"text": ...} lines and JSON strings, the JSONL that calibration and evaluation read
+    (quant.data), are documents to train on: every token a target."""
+    from quant import data
+    from quant.sft_data import load_examples
+
+    f = tmp_path / "docs.jsonl"
+    f.write_text(json.dumps({"text": "The quick brown fox."}) + "\n\n" + json.dumps("Jumps over the lazy dog.") + "\n")
+    docs = load_examples(f, tok)
+    assert [tok.decode(d.tokens) for d in docs] == ["The quick brown fox.", "Jumps over the lazy dog."]
+    assert all(all(d.mask) for d in docs)
+    assert data.read_text(f) == "The quick brown fox.\n\nJumps over the lazy dog."
+
+
+def test_qlora_trains_on_a_text_jsonl_file(tiny_hf, wikitext_valid, tmp_path):
+    """`--data docs.jsonl` with {"text": ...} lines, as `ptekit export --method qlora --data` passes it."""
+    import quant.qlora as qlora
+    from exporter.checkpoint import load_checkpoint
+    from exporter.tokenizer import Tokenizer
+    from quant.method import MethodInputs
+
+    paragraphs = [p for p in wikitext_valid.read_text(encoding="utf-8-sig").split("\n\n") if p.strip()][:200]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    ckpt = load_checkpoint(tiny_hf)
+    inputs = MethodInputs(work_dir=tmp_path / "work", tokenizer=Tokenizer(ckpt.tokenizer_path), calibration=docs,
+                          options={**EXPORT_OPTIONS, "qat_steps": 0, "lora_steps": 1, "rotation": "none"})
+    got = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)
+    assert (tmp_path / "work" / "lora" / "state.pt").exists()
+    assert all(m.lora_b.weight.abs().max() > 0 for m in lora_modules(got).values())
+
+
 def test_preference_pairs_share_the_prompt(tok, tmp_path):
     from quant.sft_data import load_preferences
 
@@ -241,7 +273,7 @@ def test_preference_pairs_share_the_prompt(tok, tmp_path):
     [
         ("a.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', "a.jsonl:1: no assistant message"),
         ("b.jsonl", '{"prompt": "x", "response": "y"}\n{"prompt": "x", \n', "b.jsonl:2: not valid JSON"),
-        ("c.jsonl", '{"text": "hello"}\n', "c.jsonl:1: unknown record with keys ['text']"),
+        ("c.jsonl", '{"title": "hello"}\n', "c.jsonl:1: unknown record with keys ['title']"),
         ("d.jsonl", '{"messages": [{"role": "user"}]}\n', "d.jsonl:1: every message needs a string"),
         ("e.jsonl", '[1, 2]\n', "e.jsonl:1: expected a JSON object"),
         ("f.txt", "   \n\n", "f.txt: the file is empty"),
@@ -310,6 +342,42 @@ def test_self_generated_data_is_the_models_own_text():
     seq = torch.tensor([a[0].tokens[:2]])
     with torch.no_grad():
         assert int(model(seq[:, :1])[0, -1].argmax()) == a[0].tokens[1]
+
+
+def test_saved_work_of_another_run_is_an_error_naming_the_work_directory(tmp_path):
+    """One resume policy (quant.method): a round's state or the trained result saved under another
+    fingerprint is neither used nor overwritten; the run stops, saying what to delete."""
+    import re
+
+    from quant import qat, qlora
+    from quant.sft_data import Windows
+    from quant.train import Dist, TrainConfig, sft_objective, train
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 512, (4, 17), generator=g)
+    windows = Windows(tokens, torch.ones_like(tokens, dtype=torch.bool))
+    cfg = TrainConfig(steps=1, lr=1e-3, warmup_steps=0, micro_batch=2, grad_accum=1, checkpoint_every=0)
+    work = tmp_path / "qlora-work"
+    model = small_model()
+    objective = sft_objective(windows, cfg, Dist(), torch.device("cpu"), None)
+    state = work / "qat" / "state.pt"
+    train("qat", model, list(model.parameters()), objective, cfg, state, "fp-a", torch.device("cpu"), Dist(),
+          progress=False, work_dir=work)
+    saved = state.read_bytes()
+    start_over = rf"delete {re.escape(str(work))} to start over, or give the run another work directory"
+    with pytest.raises(PtekitError, match=rf"{re.escape(str(state))}: saved by a run with other settings.*{start_over}"):
+        train("qat", model, list(model.parameters()), objective, cfg, state, "fp-b", torch.device("cpu"), Dist(),
+              progress=False, work_dir=work)
+    assert state.read_bytes() == saved
+
+    trained = work / qlora.TRAINED
+    assert not qlora.load_trained(trained, small_model(), "fp-a", work)  # nothing saved yet
+    qat.prepare(model)  # what the result holds: the model still fake-quantized
+    qlora.save_trained(trained, model, {"fingerprint": "fp-a", "lora": None, "rotation": "none"})
+    with pytest.raises(PtekitError, match=rf"{start_over}.*delete only {re.escape(str(trained))}") as e:
+        qlora.load_trained(trained, small_model(), "fp-b", work)
+    assert "\n" not in str(e.value)
+    assert qlora.load_trained(trained, small_model(), "fp-a", work)
 
 
 def test_dpo_prefers_the_chosen_answers():

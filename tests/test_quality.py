@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from benchmarks.quality import (
+from exporter.errors import PtekitError
+from exporter.evaluate import (
     EvalOptions,
     PteLogits,
     evaluate,
@@ -24,7 +25,6 @@ from benchmarks.quality import (
     resolve_data,
     summary_line,
 )
-from exporter.errors import PtekitError
 
 
 def run(target, **kw) -> dict:
@@ -261,7 +261,7 @@ def test_eager_view_keeps_the_online_hadamard():
 
 def test_the_second_domain_is_shipped_as_its_readme_says():
     """`--data python-docs` resolves to the shipped file, whose size and hash are the README's."""
-    from benchmarks.quality import PYTHON_DOCS, PYTHON_DOCS_FILE, resolve_data
+    from exporter.evaluate import PYTHON_DOCS, PYTHON_DOCS_FILE, resolve_data
     from exporter.manifest import file_sha256
 
     assert resolve_data(PYTHON_DOCS) == PYTHON_DOCS_FILE

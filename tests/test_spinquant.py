@@ -4,6 +4,7 @@ resume after an interruption, reuse of the saved result, and the real .pte again
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -182,11 +183,15 @@ def test_interrupted_optimization_resumes_to_the_same_rotations(tiny96_hf, calib
     torch.testing.assert_close(resumed[1], full[1], atol=1e-6, rtol=0)
     assert resumed[2]["losses"] == pytest.approx(full[2]["losses"], abs=1e-4)
     assert len(full[2]["losses"]) == 4
-    # A state from another model or other settings is not picked up.
-    fresh = []
-    spinquant.learn_rotations(folded(), pool, s, tmp_path / "b", "other", progress=False,
-                              on_step=lambda step, loss: fresh.append(step))
-    assert fresh == [2, 3, 4]
+    # A state from another model or other settings is neither picked up nor overwritten: the run
+    # stops, naming the work directory and how to start over.
+    before = (tmp_path / "b" / spinquant.STATE).read_bytes()
+    with pytest.raises(PtekitError, match=rf"other settings.*delete {re.escape(str(tmp_path / 'b'))} to start over"):
+        spinquant.learn_rotations(folded(), pool, s, tmp_path / "b", "other", progress=False)
+    assert (tmp_path / "b" / spinquant.STATE).read_bytes() == before
+    (tmp_path / "b" / spinquant.STATE).write_bytes(b"not a torch file")
+    with pytest.raises(PtekitError, match=rf"cannot be read.*delete {re.escape(str(tmp_path / 'b'))} to start over"):
+        spinquant.learn_rotations(folded(), pool, s, tmp_path / "b", "fp", progress=False)
 
 
 def test_auto_start_goes_on_from_the_start_whose_first_steps_have_the_lower_loss(tiny96_hf, calibration, tmp_path):
@@ -348,8 +353,12 @@ def test_saved_result_is_only_reused_for_the_same_fingerprint(tmp_path):
     s = spinquant.PRESETS["cpu"]
     weights = {"layers.0.attention.wq": quantize_rtn(torch.randn(8, 64))}
     floats = {"norm.weight": torch.ones(64)}
+    assert spinquant.load_result(tmp_path, "fp-a") is None  # nothing saved yet
     spinquant.save_result(tmp_path, "fp-a", s, floats, weights, None, None, False, {}, {})
-    assert spinquant.load_result(tmp_path, "fp-b") is None
+    # Another run's result is an error naming the work directory, and what to delete to keep the rotations.
+    with pytest.raises(PtekitError, match=rf"other settings.*delete {re.escape(str(tmp_path))} to start over.*"
+                                          rf"delete only {re.escape(str(tmp_path / spinquant.RESULT))}"):
+        spinquant.load_result(tmp_path, "fp-b")
     loaded_floats, loaded_weights = spinquant.load_result(tmp_path, "fp-a")
     assert torch.equal(loaded_weights["layers.0.attention.wq"][0], weights["layers.0.attention.wq"][0])
     # A newer checkpoint beside an older manifest (files from two runs put together) is not used.
@@ -358,7 +367,8 @@ def test_saved_result_is_only_reused_for_the_same_fingerprint(tmp_path):
     manifest = json.loads((result / spinquant.MANIFEST).read_text())
     manifest["fingerprint"] = "fp-a"
     (result / spinquant.MANIFEST).write_text(json.dumps(manifest))
-    assert spinquant.load_result(tmp_path, "fp-a") is None
+    with pytest.raises(PtekitError, match=rf"{spinquant.CHECKPOINT}: saved by a run with other settings"):
+        spinquant.load_result(tmp_path, "fp-a")
     manifest["fingerprint"] = "fp-c"
     (result / spinquant.MANIFEST).write_text(json.dumps(manifest))
     before = {f.name: f.read_bytes() for f in result.iterdir()}

@@ -2,7 +2,7 @@
 register than WikiText-2's encyclopedia prose (technical reference: API descriptions, argument
 lists, doctest examples), for evaluating quantized models on text no method trains or calibrates on.
 
-    python benchmarks/data/make_python_docs.py /path/to/lib/python3.11 > benchmarks/data/python-stdlib-docs.txt
+    python exporter/data/make_python_docs.py /path/to/lib/python3.11 > exporter/data/python-stdlib-docs.txt
 
 The shipped file was made from CPython 3.11.7's Lib/ (PSF License, see PSF-LICENSE.txt beside it).
 Top-level modules in name order, private ones (a leading underscore) and tests left out; for each,

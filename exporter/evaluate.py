@@ -1,4 +1,5 @@
-"""How far a quantized model is from its BF16 original: perplexity, KL divergence, top-1 agreement.
+"""`ptekit eval`: how far a quantized model is from its BF16 original: perplexity, KL divergence,
+top-1 agreement. The CLI's command and the benchmark suite both call evaluate().
 
 The convention is the one perplexity papers (GPTQ, SpinQuant) and llama.cpp use on WikiText-2:
 the raw test text joined as it is, tokenized once (no BOS inserted), cut into non-overlapping
@@ -31,26 +32,29 @@ import torch
 import torch.nn.functional as F
 
 from exporter import log
-from exporter.atomic import write_text
-from exporter.defaults import CALIBRATION_FILE, WIKITEXT2_FILES, WIKITEXT2_TEST
+from exporter.atomic import ensure_writable_dir, write_text
+from exporter.defaults import (
+    CALIBRATION_FILE,
+    EVAL_BATCH_TOKENS,
+    EVAL_SEQ_LEN,
+    PYTHON_DOCS,
+    PYTHON_DOCS_FILE,
+    WIKITEXT2,
+    WIKITEXT2_FILES,
+    WIKITEXT2_TEST,
+    data_file,
+    resolve_checkpoint_arg,
+)
 from exporter.errors import PtekitError
+from exporter.manifest import file_sha256, read_manifest, tool_versions
+from exporter.progress import bar as progress_bar
 from quant import registry
 
 _log = log.get(__name__)
-DEFAULT_SEQ_LEN = 512
-WIKITEXT2 = "wikitext2"
-# The second domain every quality table reports: technical reference text that no method trains
-# or calibrates on, shipped with ptekit (benchmarks/data/README.md says what it is and its licence).
-PYTHON_DOCS = "python-docs"
-PYTHON_DOCS_FILE = Path(__file__).parent / "data" / "python-stdlib-docs.txt"
-# The calibration/training split (../shared/data/README.md): scoring on it flatters every
-# method that was fitted to it, so it is refused unless asked for.
-CALIBRATION_SPLIT = CALIBRATION_FILE
+# The calibration/training split (CALIBRATION_FILE, ../shared/data/README.md): scoring on it flatters
+# every method that was fitted to it, so it is refused unless asked for.
 CALIBRATION_SHA256 = WIKITEXT2_FILES[CALIBRATION_FILE]
 REFERENCE_METHOD = registry.BASELINE
-# Eager windows per forward: about this many tokens at once (the logits alone are
-# tokens x vocab x 4 bytes per model: 0.4 GB for SmolLM2 at 2048).
-BATCH_TOKENS = 2048
 
 
 @dataclass
@@ -59,14 +63,14 @@ class EvalOptions:
     method: str | None = None  # checkpoints: default "ptq"; a .pte: read from its manifest
     reference: str | None = None  # default: the target checkpoint, or the .pte's manifest source
     data: str = WIKITEXT2
-    seq_len: int = DEFAULT_SEQ_LEN
+    seq_len: int = EVAL_SEQ_LEN
     max_tokens: int | None = None
     allow_calibration_data: bool = False
     work_dir: Path | None = None  # for methods that optimize (spinquant, qlora)
     steps: int | None = None
     device: str = "auto"
     options: dict | None = None  # method options, as `ptekit export --option`
-    batch_tokens: int = BATCH_TOKENS
+    batch_tokens: int = EVAL_BATCH_TOKENS
     # Eager targets: torchao's own fp32 path instead of bf16 GEMMs on pre-dequantized weights
     # (quant.eval_view); about 1.5x slower (190 s against 122-128 s measured), for checking the fast path.
     exact_eager: bool = False
@@ -79,9 +83,6 @@ class EvalOptions:
 def resolve_data(spec: str, allow_calibration: bool = False) -> Path:
     """`wikitext2` (the test split from the data directory), `python-docs` (shipped with ptekit) or a
     file; the calibration split is refused."""
-    from exporter.defaults import data_file
-    from exporter.manifest import file_sha256
-
     if spec == WIKITEXT2:
         return data_file(WIKITEXT2_TEST)  # or one line saying where it was looked for and how to get it
     if spec == PYTHON_DOCS:
@@ -89,7 +90,7 @@ def resolve_data(spec: str, allow_calibration: bool = False) -> Path:
     path = Path(spec)
     if not path.is_file():
         raise PtekitError(f"{path}: data file not found; pass '{WIKITEXT2}', '{PYTHON_DOCS}' or a plain-text or JSONL file with --data")
-    if not allow_calibration and (path.name == CALIBRATION_SPLIT or file_sha256(path) == CALIBRATION_SHA256):
+    if not allow_calibration and (path.name == CALIBRATION_FILE or file_sha256(path) == CALIBRATION_SHA256):
         raise PtekitError(f"{path}: this is WikiText-2's validation split, the calibration/training data of the "
                           f"quantization methods; evaluate on '{WIKITEXT2}' (the test split), or pass "
                           "--allow-calibration-data if you mean it")
@@ -234,15 +235,11 @@ def _eager(checkpoint: str, method: str, seq_len: int, opts: EvalOptions):
 
 
 def _same_checkpoint(a: str, b: str) -> bool:
-    from exporter.defaults import resolve_checkpoint_arg
-
     return resolve_checkpoint_arg(a).resolve() == resolve_checkpoint_arg(b).resolve()
 
 
 def _pte_source(pte: Path, opts: EvalOptions) -> tuple[str, str]:
     """(reference checkpoint, the .pte's method) from the options and the manifest beside the .pte."""
-    from exporter.manifest import read_manifest
-
     m = read_manifest(pte.parent) or {}
     method = m.get("method", "unknown")
     if opts.method is not None and m.get("method") not in (None, opts.method):
@@ -274,7 +271,6 @@ def _check_tokenizers(ref_tok, other_path: Path | None, text: str) -> None:
 def _load_pte(opts: EvalOptions, echo):
     """(logits, target record, reference checkpoint, tokenizer beside the .pte or None)."""
     from exporter.generate import tokenizer_beside
-    from exporter.manifest import file_sha256
     from exporter.runtime import PteModel
 
     path = Path(opts.target)
@@ -299,7 +295,6 @@ def _load_pte(opts: EvalOptions, echo):
 def evaluate(opts: EvalOptions, echo=None) -> dict:
     """Scores the target against the BF16 reference; returns the JSON record. echo: where the
     stage lines go (default: this module's logger)."""
-    from exporter.manifest import file_sha256, tool_versions
 
     echo = echo or _log.info
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -368,8 +363,6 @@ def evaluate(opts: EvalOptions, echo=None) -> dict:
 
 
 def _score(windows: torch.Tensor, ref: EagerLogits, tgt, opts: EvalOptions) -> tuple[dict, dict]:
-    from exporter.progress import bar as progress_bar
-
     n, N = windows.shape
     batch = max(1, opts.batch_tokens // (N - 1))
     t_ref = t_tgt = t_metrics = 0.0
@@ -420,7 +413,5 @@ def summary_line(r: dict) -> str:
 def write_record(path: Path, record: dict) -> None:
     path = Path(path)
     if path.parent != Path(""):
-        from exporter.atomic import ensure_writable_dir
-
         ensure_writable_dir(path.parent)
     write_text(path, json.dumps(record, indent=2) + "\n")
