@@ -90,13 +90,15 @@ def test_bad_arguments_are_one_line(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_meta_1b_sizes_are_computed_from_the_exact_shape():
-    from benchmarks.tools.meta_1b import computed
+@pytest.mark.parametrize("shape,parameters,meta_mib", [("llama3.2-1b", 1_235_814_400, 1083),
+                                                        ("llama3.2-3b", 3_212_749_824, 2435)])
+def test_meta_sizes_are_computed_from_the_exact_shape(shape, parameters, meta_mib):
+    from benchmarks.tools.meta_sizes import computed
 
-    r = computed()
-    assert r["parameters"] == 1_235_814_400  # Llama 3.2 1B, tied embeddings
+    r = computed(shape)
+    assert r["parameters"] == parameters  # Llama 3.2, tied embeddings
     spin = r["fp32_group_scales"]["spinquant"]["total"] / 2**20
-    assert abs(spin - 1083) < 1.0  # Meta's SpinQuant .pte, from shape alone with 4-byte group scales
+    assert abs(spin - meta_mib) < 1.0  # Meta's SpinQuant .pte, from shape alone with 4-byte group scales
 
 
 def test_llamacpp_peer_measures_the_embedded_gguf():

@@ -1,25 +1,31 @@
-"""Llama 3.2 1B: the .pte sizes computed from its exact shape, MB by MB, beside Meta's model card.
+"""Llama 3.2 1B and 3B: the .pte sizes computed from the exact shape, MB by MB, beside Meta's model card.
 
-Meta's figures (Llama 3.2 model card, "Inference time", Android OnePlus 12): SpinQuant .pte 1083 MiB,
-RSS 1921 MiB; QLoRA .pte 1127 MiB, RSS 2255 MiB. Nothing here is measured: every number is a
-parameter count times its storage width (benchmarks/sizes.py), so it is labelled "computed".
+Meta's figures (Llama 3.2 model card, "Inference time", Android OnePlus 12): 1B SpinQuant .pte 1083 MiB,
+RSS 1921 MiB; 1B QLoRA .pte 1127 MiB, RSS 2255 MiB; 3B SpinQuant .pte 2435 MiB, RSS 3726 MiB. Nothing
+here is measured: every number is a parameter count times its storage width (benchmarks/sizes.py), so
+it is labelled "computed".
 
-    python -m benchmarks.tools.meta_1b
+    python -m benchmarks.tools.meta_sizes [llama3.2-1b|llama3.2-3b]
 """
 
 from __future__ import annotations
+
+import sys
 
 from benchmarks import sizes
 from exporter.config import preset
 
 MIB = 2**20
-META = {"spinquant": {"pte_mib": 1083, "rss_mib": 1921}, "qlora": {"pte_mib": 1127, "rss_mib": 2255}}
+META = {
+    "llama3.2-1b": {"spinquant": {"pte_mib": 1083, "rss_mib": 1921}, "qlora": {"pte_mib": 1127, "rss_mib": 2255}},
+    "llama3.2-3b": {"spinquant": {"pte_mib": 2435, "rss_mib": 3726}},
+}
 LORA_RANK = 16  # quant.lora.DEFAULT_RANK, and the rank of Meta's QLoRA release
 MAX_SEQ_LEN = 2048
 
 
-def computed() -> dict:
-    c = preset("llama3.2-1b")
+def computed(shape: str = "llama3.2-1b") -> dict:
+    c = preset(shape)
     out = {"config": c.to_dict(), "parameters": sizes.parameter_count(c),
            "block_linear_parameters": sizes.block_linear_params(c), "lora_parameters": sizes.lora_params(c, LORA_RANK),
            "kv_cache_bytes_full": sizes.kv_cache_bytes(c, MAX_SEQ_LEN, 4)}
@@ -32,12 +38,13 @@ def computed() -> dict:
     return out
 
 
-def report() -> str:
-    r = computed()
+def report(shape: str = "llama3.2-1b") -> str:
+    r = computed(shape)
+    meta = META[shape]
     mib = lambda b: f"{b / MIB:,.1f}"  # noqa: E731
     p, f = r["ptekit"], r["fp32_group_scales"]
     lines = [
-        "Llama 3.2 1B, sizes computed from the shape (not measured):",
+        f"{shape}, sizes computed from the shape (not measured):",
         f"  parameters {r['parameters']:,} (tied embedding counted once); block linears {r['block_linear_parameters']:,}; "
         f"LoRA rank {LORA_RANK} on every block linear {r['lora_parameters']:,}",
         "",
@@ -47,18 +54,18 @@ def report() -> str:
     for k in ("block_weights", "block_scales", "embedding", "classifier", "norms", "rope", "lora", "total"):
         lines.append(f"| {k} | {mib(p['spinquant'][k])} | {mib(f['spinquant'][k])} | {mib(p['qlora'][k])} | "
                      f"{mib(p['bf16'][k])} |")
-    for method, meta in META.items():
+    for method, card in meta.items():
         ours, fp32 = p[method]["total"] / MIB, f[method]["total"] / MIB
-        lines.append(f"\n{method}: Meta .pte {meta['pte_mib']} MiB; computed ptekit {ours:,.1f} MiB "
-                     f"({meta['pte_mib'] - ours:+.1f} MiB to Meta); computed with 4-byte group scales {fp32:,.1f} MiB "
-                     f"({meta['pte_mib'] - fp32:+.1f} MiB to Meta, the program itself)")
+        lines.append(f"\n{method}: Meta .pte {card['pte_mib']} MiB; computed ptekit {ours:,.1f} MiB "
+                     f"({card['pte_mib'] - ours:+.1f} MiB to Meta); computed with 4-byte group scales {fp32:,.1f} MiB "
+                     f"({card['pte_mib'] - fp32:+.1f} MiB to Meta, the program itself)")
     kv = r["kv_cache_bytes_full"]
     deleg = p["spinquant"]["block_weights"] + f["spinquant"]["block_scales"] + p["spinquant"]["classifier"]
     lines.append(f"\nRSS parts (computed): KV cache fp32 at {MAX_SEQ_LEN} positions {mib(kv)} MiB; XNNPACK's packed copy of "
                  f"the delegated weights (block linears with 4-byte scales + classifier) {mib(deleg)} MiB; "
-                 f"Meta SpinQuant RSS - .pte = {META['spinquant']['rss_mib'] - META['spinquant']['pte_mib']} MiB.")
+                 f"Meta SpinQuant RSS - .pte = {meta['spinquant']['rss_mib'] - meta['spinquant']['pte_mib']} MiB.")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(report())
+    print(report(sys.argv[1] if len(sys.argv) > 1 else "llama3.2-1b"))
