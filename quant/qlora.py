@@ -342,6 +342,6 @@ def memory_need(cfg, parameters: int, inputs: MethodInputs) -> Need:
     s = QLoRASettings.from_inputs(inputs)
     per_parameter = 8 + (12 if s.qat_steps > 0 else 0)
     logits = 8 * 4 * s.micro_batch * s.seq_len * cfg.vocab_size
-    lower_it = "-O qat_steps=0 (adapters only, no AdamW state for the backbone)" if s.qat_steps > 0 else \
-        "-O micro_batch=1 -O seq_len=256, or a GPU (--device cuda)"
+    lower_it = ("-O qat_steps=0 (adapters only, no AdamW state for the backbone)" if s.qat_steps > 0 else
+                "-O micro_batch=1 (fewer logits at once)" if s.micro_batch > 1 else "")
     return Need("quantize (qlora)", per_parameter * parameters + logits + RUNTIME_FLOOR, lower_it)
