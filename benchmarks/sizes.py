@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exporter.config import ModelConfig
-from exporter.memory import kv_cache_bytes  # noqa: F401  (part of this module's arithmetic)
 
 MIB = 2**20
 

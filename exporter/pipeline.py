@@ -37,10 +37,11 @@ class ExportResult:
 
 
 def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[Tokenizer | None], MethodInputs],
-                    max_seq_len: int, stage=lambda name: None, memory_check: bool = True):
+                    max_seq_len: int, stage=lambda name: None, memory_check: bool = True, lowered: bool = False):
     """Loads the checkpoint and applies the method: (Checkpoint, tokenizer, quantized model).
     memory_check: first estimate the peak memory from the checkpoint's shape and refuse, with what
-    would lower it, when this machine does not have it (exporter/memory.py)."""
+    would lower it, when this machine does not have it (exporter/memory.py); lowered: the model is
+    lowered afterwards, so lowering's need counts too."""
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise PtekitError(f"--max-seq-len {max_seq_len}: the KV cache needs at least 2 positions (prompt + one token)")
     spec = registry.get(method)
@@ -51,10 +52,7 @@ def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[T
     tok = Tokenizer(ckpt.tokenizer_path)
     inputs = inputs_for(tok)
     if memory_check:
-        cfg = ckpt.config.replace(max_seq_len=max_seq_len)
-        needs = [memory.lowering_need(cfg, ckpt.parameters, max_seq_len)]
-        if (method_need := spec.memory_need()) is not None:
-            needs.append(method_need(cfg, ckpt.parameters, inputs))
+        needs = memory_needs(ckpt.config.replace(max_seq_len=max_seq_len), ckpt.parameters, method, inputs, lowered)
         memory.check(needs, where=str(checkpoint))
     # The weights as stored (a bf16 checkpoint stays bf16 and memory-mapped); each method converts
     # what it needs, ptq one layer at a time, so the float model is never held whole twice.
@@ -64,6 +62,14 @@ def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[T
     with nullcontext() if spec.trains else torch.no_grad():
         model = spec.quantize()(model, inputs)
     return ckpt, tok, model
+
+
+def memory_needs(cfg, parameters: int, method: str, inputs: MethodInputs, lowered: bool) -> list[memory.Need]:
+    """What the method needs (its module's memory_need, when it has one), and lowering's when `lowered`."""
+    needs = [memory.lowering_need(cfg, parameters, cfg.max_seq_len)] if lowered else []
+    if (method_need := registry.get(method).memory_need()) is not None:
+        needs.append(method_need(cfg, parameters, inputs))
+    return needs
 
 
 def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int = 2048, eval_method: bool = False,
@@ -85,7 +91,8 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
         stage(name)
         on_phase(name)
 
-    ckpt, tok, model = load_for_method(checkpoint, method, inputs_for, max_seq_len, both, memory_check)
+    ckpt, tok, model = load_for_method(checkpoint, method, inputs_for, max_seq_len, both, memory_check,
+                                       lowered=True)
     seconds["load_and_quantize"] = round(time.perf_counter() - t0, 2)
 
     stage("lower to XNNPACK")

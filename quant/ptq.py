@@ -29,10 +29,16 @@ def apply_scheme(model: nn.Module, block_weights: dict | None = None) -> nn.Modu
         model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach())
     _quantize_linear(model.output, scheme.classifier_config())
     model.tok_embeddings = Int8Embedding.from_float(model.tok_embeddings)
-    for name in scheme.block_linears(model):
-        _quantize_linear(model.get_submodule(name), scheme.block_linear_config())
-    for name, (q, scale) in (block_weights or {}).items():
-        set_int4_weight(model.get_submodule(name), q, scale)
+    chosen = block_weights or {}
+    block = scheme.block_linears(model)
+    if unknown := set(chosen) - set(block):
+        raise ValueError(f"apply_scheme: weights given for layers that are not block linears: {sorted(unknown)}")
+    for name in block:
+        linear = model.get_submodule(name)
+        if name in chosen:
+            set_int4_weight(linear, *chosen[name])  # the method's integers; nothing to round
+        else:
+            _quantize_linear(linear, scheme.block_linear_config())
     # What is left in float (the norms) computes in fp32.
     for p in model.parameters():
         if type(p) is nn.Parameter and p.dtype != torch.float32:

@@ -12,20 +12,17 @@ from benchmarks.sizes import parameter_count
 from exporter import memory
 from exporter.config import preset
 from exporter.errors import PtekitError
-from quant import registry
 from quant.method import MethodInputs
 
 GiB = 2**30
 
 
 def needs(cfg_name: str, method: str, tmp_path, max_seq_len: int = 2048, **options) -> list[memory.Need]:
+    from exporter.pipeline import memory_needs
+
     cfg = preset(cfg_name).replace(max_seq_len=max_seq_len)
-    params = parameter_count(cfg)
-    out = [memory.lowering_need(cfg, params, max_seq_len)]
-    fn = registry.get(method).memory_need()
-    if fn is not None:
-        out.append(fn(cfg, params, MethodInputs(work_dir=tmp_path, device="cpu", options=options)))
-    return out
+    inputs = MethodInputs(work_dir=tmp_path, device="cpu", options=options)
+    return memory_needs(cfg, parameter_count(cfg), method, inputs, lowered=True)
 
 
 def test_check_names_stage_need_available_and_what_lowers_it():
