@@ -1,0 +1,122 @@
+"""Prefill and decode speed of several .pte files side by side, on this host, in one run.
+
+Each round runs every file once, in an order that alternates from round to round (A B, then B A),
+so a slow spell of a shared machine falls on every file alike. A file's run at context C:
+- prefill: one forward call on a C-token prompt of WikiText-2 test text (tokens/s);
+- decode: `--gen` greedy tokens after it, one forward call each (tokens/s at C..C+gen of context).
+The first round is a warm-up (XNNPACK packs its weights on the first call) and is not counted; the
+table gives the median over the other rounds [min-max] and each file's ratio to the first file.
+
+    python -m benchmarks.pte_speed out/ptq/model.pte out/qlora/model.pte --labels ptq,qlora
+    python -m benchmarks.pte_speed A.pte B.pte --context 64,256,1024,2000 --gen 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def prompt_ids(pte: Path, n: int, vocab: int) -> list[int]:
+    """n tokens of WikiText-2 test text in the file's own tokenizer (its export directory's), else
+    a fixed spread of ids: speed does not depend on which tokens they are."""
+    from exporter.manifest import read_manifest
+
+    man = read_manifest(pte.parent)
+    if man and man.get("tokenizer"):
+        from exporter.defaults import WIKITEXT2_TEST, data_file
+        from exporter.tokenizer import Tokenizer
+
+        try:
+            text = data_file(WIKITEXT2_TEST).read_text()
+            ids = Tokenizer(pte.parent / man["tokenizer"]).encode(text[: 12 * n + 4096])
+            if len(ids) >= n:
+                return ids[:n]
+        except Exception:  # no data directory: the fixed ids serve as well
+            pass
+    return [(7919 * i + 13) % vocab for i in range(n)]
+
+
+def run_once(pte, prompt: list[int], gen: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of one prompt and `gen` greedy tokens after it."""
+    t0 = time.perf_counter()
+    logits = pte.forward(prompt, 0)
+    t1 = time.perf_counter()
+    pos = len(prompt)
+    for _ in range(gen):
+        logits = pte.forward([int(logits.argmax())], pos)
+        pos += 1
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), gen / (t2 - t1)
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": round(statistics.median(xs), 2), "min": round(min(xs), 2), "max": round(max(xs), 2),
+            "all": [round(x, 2) for x in xs]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pte", nargs="+", type=Path, help=".pte files; ratios are to the first")
+    ap.add_argument("--labels", default=None, help="comma-separated names for the files (default: their folders)")
+    ap.add_argument("--context", default="64", help="comma-separated prompt lengths (default 64)")
+    ap.add_argument("--gen", type=int, default=64, help="greedy tokens decoded after each prompt (default 64)")
+    ap.add_argument("--rounds", type=int, default=5, help="counted rounds after the warm-up (default 5)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every run to this file")
+    a = ap.parse_args(argv)
+
+    from exporter.errors import PtekitError
+    from exporter.runtime import PteModel
+
+    labels = a.labels.split(",") if a.labels else [p.parent.name or p.stem for p in a.pte]
+    if len(labels) != len(a.pte):
+        raise SystemExit(f"--labels names {len(labels)} files; {len(a.pte)} were given")
+    contexts = [int(c) for c in a.context.split(",")]
+    try:
+        models = [PteModel(p) for p in a.pte]
+    except PtekitError as e:
+        raise SystemExit(str(e)) from None
+    for p, m in zip(a.pte, models, strict=True):
+        limit = int(m.meta("get_max_seq_len", 2048))
+        if max(contexts) + a.gen > limit:
+            raise SystemExit(f"{p}: holds {limit} positions; --context {max(contexts)} + --gen {a.gen} does not fit")
+    vocab = int(models[0].meta("get_vocab_size", 32000))
+
+    results = {}
+    for c in contexts:
+        prompt = prompt_ids(a.pte[0], c, vocab)
+        runs = {label: {"prefill": [], "decode": []} for label in labels}
+        for r in range(a.rounds + 1):
+            order = list(range(len(models)))
+            if r % 2:
+                order.reverse()
+            for i in order:
+                prefill, decode = run_once(models[i], prompt, a.gen)
+                if r:  # round 0 warms up
+                    runs[labels[i]]["prefill"].append(prefill)
+                    runs[labels[i]]["decode"].append(decode)
+            print(f"context {c}: round {r}/{a.rounds} done", file=sys.stderr, flush=True)
+        results[c] = {label: {k: spread(v) for k, v in runs[label].items()} for label in labels}
+
+    print(f"{len(models)} files, {a.rounds} rounds after a warm-up, {a.gen} decoded tokens, median [min-max] tokens/s")
+    print(f"| context | file | prefill | decode | prefill vs {labels[0]} | decode vs {labels[0]} |")
+    print("| --: | :-- | --: | --: | --: | --: |")
+    for c, per in results.items():
+        base = per[labels[0]]
+        for label in labels:
+            p, d = per[label]["prefill"], per[label]["decode"]
+            print(f"| {c} | {label} | {p['median']:.1f} [{p['min']:.1f}-{p['max']:.1f}] | "
+                  f"{d['median']:.2f} [{d['min']:.2f}-{d['max']:.2f}] | "
+                  f"{p['median'] / base['prefill']['median']:.3f}x | {d['median'] / base['decode']['median']:.3f}x |")
+    if a.json:
+        a.json.write_text(json.dumps({"files": {lab: str(p) for lab, p in zip(labels, a.pte, strict=True)},
+                                      "gen": a.gen, "rounds": a.rounds, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
