@@ -31,7 +31,15 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The branch sees the unquantized activation: on the device it is a separate float GEMM
         # next to the 8da4w one, not part of it.
-        return self.base(x) + self.scale * self.lora_b(self.lora_a(x))
+        branch = self.lora_b(self.lora_a(x))
+        return self.base(x) + (branch if self.scale == 1 else self.scale * branch)
+
+    @torch.no_grad()
+    def fold_scale(self) -> None:
+        """scale * B(A(x)) = (scale * B)(A(x)): the scale goes into lora_b, so the lowered graph has
+        one multiplication fewer per adapted linear (exact for a power-of-two scale such as the default)."""
+        self.lora_b.weight.mul_(self.scale)
+        self.scale = 1.0
 
 
 def adapted_names(model: nn.Module) -> list[str]:
@@ -50,6 +58,14 @@ def add_lora(model: nn.Module, rank: int = DEFAULT_RANK, scale: float = DEFAULT_
         w = base.weight
         lora = LoRALinear(base, base.in_features, base.out_features, rank, scale).to(device=w.device)
         setattr(parent, child, lora)
+    return model
+
+
+def fold_scales(model: nn.Module) -> nn.Module:
+    """Every adapter's scale into its lora_b (in place), before lowering."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.fold_scale()
     return model
 
 

@@ -271,7 +271,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
             "data": str(src), "seq_len": seq_len, "rotation": s.rotation}
     if load_trained(work / TRAINED, model, prev, work):
         _leave_if_helper(d)
-        return apply_scheme(model, qat.convert(model))
+        return apply_scheme(lora.fold_scales(model), qat.convert(model))
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     windows = training_windows(src, inputs, s, seq_len, teacher, device, d, fp_data)
@@ -319,7 +319,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     if d.main:
         save_trained(work / TRAINED, model, meta)
     _leave_if_helper(d)
-    return apply_scheme(model, qat.convert(model))
+    return apply_scheme(lora.fold_scales(model), qat.convert(model))
 
 
 def _leave_if_helper(d: Dist) -> None:

@@ -498,3 +498,21 @@ def test_rotated_start_trains_on_gptqs_grid_and_the_device_gets_what_training_sa
     converted = apply_scheme(converted, qat.convert(converted))
     with torch.no_grad():
         assert torch.equal(converted(tokens), fake)
+
+
+def test_folding_the_adapter_scale_changes_no_output_and_drops_the_multiplication():
+    from torch import nn
+
+    from quant import lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, bias=False))
+    wrapped = lora.LoRALinear(model[0], 64, 96, rank=8, scale=2.0)
+    nn.init.normal_(wrapped.lora_b.weight, std=0.1)
+    x = torch.randn(5, 64)
+    before = wrapped(x)
+    lora.fold_scales(nn.Sequential(wrapped))
+    assert wrapped.scale == 1.0
+    assert torch.equal(wrapped(x), before)  # a power-of-two scale moves no bit
+    graph = torch.export.export(wrapped, (x,)).graph
+    assert not [n for n in graph.nodes if n.op == "call_function" and "mul" in str(n.target)]
