@@ -8,7 +8,7 @@ The first round is a warm-up (XNNPACK packs its weights on the first call) and i
 table gives the median over the other rounds [min-max] and each file's ratio to the first file.
 
     python -m benchmarks.pte_speed out/ptq/model.pte out/qlora/model.pte --labels ptq,qlora
-    python -m benchmarks.pte_speed A.pte B.pte --context 64,256,1024,2000 --gen 32
+    python -m benchmarks.pte_speed A.pte B.pte --context 64,256,1024,2000 --gen 32 [--threads 1]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", default="64", help="comma-separated prompt lengths (default 64)")
     ap.add_argument("--gen", type=int, default=64, help="greedy tokens decoded after each prompt (default 64)")
     ap.add_argument("--rounds", type=int, default=5, help="counted rounds after the warm-up (default 5)")
+    ap.add_argument("--threads", type=int, default=0, help="ExecuTorch's thread pool size (default: the runtime's own choice)")
     ap.add_argument("--json", type=Path, default=None, help="also write every run to this file")
     a = ap.parse_args(argv)
 
@@ -78,6 +79,10 @@ def main(argv=None) -> int:
     contexts = [int(c) for c in a.context.split(",")]
     try:
         models = [PteModel(p) for p in a.pte]
+        if a.threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(a.threads)
     except PtekitError as e:
         raise SystemExit(str(e)) from None
     for p, m in zip(a.pte, models, strict=True):
