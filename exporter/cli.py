@@ -150,6 +150,7 @@ def eval_command(
     batch_tokens: int = typer.Option(EVAL_BATCH_TOKENS, "--batch-tokens", help="Eager path: about this many tokens per forward (memory: 4 bytes x vocab per token per model)."),
     exact_eager: bool = typer.Option(False, "--exact-eager", help="Eager quantized target: torchao's own path (fp32 GEMMs, weights dequantized on every call; about 1.5x slower) instead of bf16 GEMMs on weights dequantized once, the reference's arithmetic."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line: no progress bars or stage lines (the methods' training loops included)."),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="For a checkpoint: before reading any weight, estimate the method's peak memory from the checkpoint's shape and stop, saying what lowers it, when this machine does not have that much available."),
 ):
     """Perplexity, KL divergence from the BF16 model, and top-1 agreement with it, each with its standard error over windows."""
     from exporter.evaluate import EvalOptions, evaluate, summary_line, write_record
@@ -161,7 +162,7 @@ def eval_command(
     opts = EvalOptions(target=target, method=method, reference=reference, data=data, seq_len=seq_len,
                        max_tokens=max_tokens, allow_calibration_data=allow_calibration_data, work_dir=work_dir,
                        steps=steps, device=device, options=parse_options(option), batch_tokens=batch_tokens,
-                       exact_eager=exact_eager, progress=not quiet)
+                       exact_eager=exact_eager, progress=not quiet, memory_check=memory_check)
     record = evaluate(opts)
     if json_out is not None:
         write_record(json_out, record)

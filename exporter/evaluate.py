@@ -75,6 +75,7 @@ class EvalOptions:
     # (quant.eval_view); about 1.5x slower (190 s against 122-128 s measured), for checking the fast path.
     exact_eager: bool = False
     progress: bool = True
+    memory_check: bool = True  # estimate a checkpoint target's peak first, as `ptekit export` does
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def _eager(checkpoint: str, method: str, seq_len: int, opts: EvalOptions):
                             options=dict(opts.options or {}))
 
     # Positions 0..N-2 are run; the model's RoPE tables need that many.
-    return load_for_method(checkpoint, method, inputs_for, max_seq_len=seq_len)
+    return load_for_method(checkpoint, method, inputs_for, max_seq_len=seq_len, memory_check=opts.memory_check)
 
 
 def _same_checkpoint(a: str, b: str) -> bool:
