@@ -34,9 +34,12 @@ inputs.options, whose keys are the fields of QLoRASettings plus `preset`:
   paper (default with --device cuda)  400 QAT steps of 8 x 512 tokens (1.6M), 100 LoRA steps
   cpu   (default otherwise)           50 QAT steps (205K tokens), 20 LoRA steps at lr 1e-3:
                                       SmolLM2-135M trains at 60-70 tokens/s on 2 CPU cores
---steps N sets both rounds' steps. qat_steps=0 skips round 1 (adapters on the start: GPTQ's
-rotated backbone, or round to nearest with rotation=none): full-parameter AdamW keeps gradients and two moments, three more fp32 copies of the
-weights (1.24B x 4 B x 3 = 14.9 GB for Llama 3.2 1B), which a 24 GB machine cannot hold beside the model.
+--steps N sets both rounds' steps. Full-parameter AdamW keeps gradients and two moments, three more fp32
+copies of the weights (1.24B x 4 B x 3 = 14.9 GB for Llama 3.2 1B), which a 24 GB machine cannot hold beside
+the model and its teacher. optimizer_state=bf16 keeps the moments in bf16 (quant/optim.py, 4.9 GB less for
+1B), and a BF16 checkpoint's teacher holds its block linears in bf16 (store_in_bf16_where_exact, 1.9 GB
+less for 1B). qat_steps=0
+skips round 1 (adapters on the start: GPTQ's rotated backbone, or round to nearest with rotation=none).
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class QLoRASettings:
     checkpoint_every: int = 50
     autocast: bool | None = None
     recompute_activations: bool = True  # recompute each block's activations in the backward: less memory
+    optimizer_state: str = "fp32"  # AdamW's moments in fp32, or bf16 (4 bytes a parameter less: quant/optim.py)
     gen_sequences: int = 256  # data-free: how many sequences the BF16 model writes
     dpo_data: str | None = None  # JSONL of {"prompt", "chosen", "rejected"}; None: no DPO round
     dpo_steps: int = 50
@@ -107,6 +111,8 @@ class QLoRASettings:
                 raise PtekitError(f"qlora: {key} must be at least 1 (got {getattr(s, key)})")
         if s.qat_steps < 0 or s.lora_steps < 0:
             raise PtekitError(f"qlora: qat_steps and lora_steps must be 0 or more (got {s.qat_steps}, {s.lora_steps})")
+        if s.optimizer_state not in ("fp32", "bf16"):
+            raise PtekitError(f"qlora: option optimizer_state={s.optimizer_state!r}; choose fp32 or bf16")
         if s.rotation not in ("none", "hadamard"):
             raise PtekitError(f"qlora: option rotation={s.rotation!r}; choose none or hadamard")
         if s.qat_steps == 0 and s.lora_steps == 0:
@@ -118,7 +124,8 @@ class QLoRASettings:
         return TrainConfig(steps=steps, lr=lr, warmup_steps=min(self.warmup_steps, steps // 10),
                            micro_batch=self.micro_batch, grad_accum=self.grad_accum, ce_weight=ce,
                            kd_weight=self.kd_weight, checkpoint_every=self.checkpoint_every,
-                           autocast=self.autocast, recompute_activations=self.recompute_activations, seed=seed)
+                           autocast=self.autocast, recompute_activations=self.recompute_activations,
+                           optimizer_state=self.optimizer_state, seed=seed)
 
 
 PRESETS = {
@@ -275,6 +282,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     windows = training_windows(src, inputs, s, seq_len, teacher, device, d, fp_data)
+    store_in_bf16_where_exact(teacher)  # after the generation, which would upcast every weight every token
     model.to(device)
     teacher.to(device)
 
@@ -322,6 +330,38 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     return apply_scheme(lora.fold_scales(model), qat.convert(model))
 
 
+class _Upcast(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.float()
+
+
+def store_in_bf16_where_exact(model: nn.Module) -> int:
+    """Stores in bf16 each linear weight of `model` (the frozen teacher) that bf16 holds exactly, read back
+    as fp32 on every use: the forward computes what it computed before, and a BF16 checkpoint's teacher
+    takes less memory (1.9 GB less for Llama 3.2 1B: its block linears; 212 MB for SmolLM2-135M, whose GGUF
+    dequantizes most block linears to bf16-exact values). Weights that bf16 would round and weights shared
+    between modules (a tied classifier) stay fp32.
+    Returns the bytes saved."""
+    from torch.nn.utils import parametrize
+
+    uses: dict[int, int] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    saved = 0
+    for mod in list(model.modules()):
+        if not isinstance(mod, nn.Linear) or uses[id(mod.weight)] > 1 or mod.weight.dtype != torch.float32:
+            continue
+        w = mod.weight.detach()
+        low = w.to(torch.bfloat16)
+        if not torch.equal(low.float(), w):
+            continue
+        mod.weight = nn.Parameter(low, requires_grad=False)
+        parametrize.register_parametrization(mod, "weight", _Upcast(), unsafe=True)
+        saved += w.numel() * 2
+    return saved
+
+
 def _leave_if_helper(d: Dist) -> None:
     """Under torchrun only process 0 lowers and writes the .pte; the others are done."""
     if d.world == 1:
@@ -336,12 +376,18 @@ def _leave_if_helper(d: Dist) -> None:
 
 def memory_need(cfg, parameters: int, inputs: MethodInputs) -> Need:
     """The training's peak, estimated from the shape (exporter/memory.py): the student and the BF16 teacher in
-    fp32 (8 bytes a parameter); the QAT round's gradients and AdamW's two moments (12 more); and the logits of
-    a micro-batch, the student's, the teacher's and their gradients and softmaxes (about 8 vocabulary-wide
-    fp32 rows per token)."""
+    fp32 (8 bytes a parameter; a BF16 checkpoint's teacher takes less, store_in_bf16_where_exact); the QAT
+    round's gradients and AdamW's two moments (12 more, 8 with optimizer_state=bf16); and the logits of a
+    micro-batch, the student's, their gradient and the teacher's (3 vocabulary-wide fp32 rows per token; the
+    distillation itself runs in chunks of positions). On the Llama 3.2 1B shape with optimizer_state=bf16
+    and micro-batches of 2 x 512 this gives 20.6 GiB against a measured 18.1 GiB peak for `ptekit eval`,
+    which also holds the BF16 reference (docs/qlora.md)."""
     s = QLoRASettings.from_inputs(inputs)
-    per_parameter = 8 + (12 if s.qat_steps > 0 else 0)
-    logits = 8 * 4 * s.micro_batch * s.seq_len * cfg.vocab_size
-    lower_it = ("-O qat_steps=0 (adapters only, no AdamW state for the backbone)" if s.qat_steps > 0 else
-                "-O micro_batch=1 (fewer logits at once)" if s.micro_batch > 1 else "")
+    per_parameter = 8 + ((12 if s.optimizer_state == "fp32" else 8) if s.qat_steps > 0 else 0)
+    logits = 3 * 4 * s.micro_batch * s.seq_len * cfg.vocab_size
+    if s.qat_steps > 0:
+        lower_it = ("-O optimizer_state=bf16 (AdamW's moments in bf16) or " if s.optimizer_state == "fp32" else "") \
+            + "-O qat_steps=0 (adapters only, no AdamW state for the backbone)"
+    else:
+        lower_it = "-O micro_batch=1 (fewer logits at once)" if s.micro_batch > 1 else ""
     return Need("quantize (qlora)", per_parameter * parameters + logits + RUNTIME_FLOOR, lower_it)

@@ -55,12 +55,15 @@ class TrainConfig:
     checkpoint_every: int = 50
     autocast: bool | None = None  # None: bf16 autocast on CUDA devices that support bf16
     recompute_activations: bool = True  # activation checkpointing per block: less memory, ~1/3 more compute
+    optimizer_state: str = "fp32"  # AdamW's moments: fp32, or bf16 (quant/optim.py: 4 bytes a parameter less)
     seed: int = 0
 
     def fingerprint(self) -> str:
         # How often to checkpoint and whether activations are recomputed do not change the result,
         # so a run may resume with other values.
         d = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "recompute_activations")}
+        if d["optimizer_state"] == "fp32":  # the fingerprint of a run from before the option existed
+            del d["optimizer_state"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -235,9 +238,13 @@ def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Ob
         p.requires_grad_(id(p) in trainable)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                            foreach=device.type == "cuda")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer_state == "bf16":
+        from quant.optim import AdamWBf16State
+
+        opt = AdamWBf16State(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), foreach=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg))
 
     start = 0
