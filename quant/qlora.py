@@ -34,12 +34,13 @@ inputs.options, whose keys are the fields of QLoRASettings plus `preset`:
   paper (default with --device cuda)  400 QAT steps of 8 x 512 tokens (1.6M), 100 LoRA steps
   cpu   (default otherwise)           50 QAT steps (205K tokens), 20 LoRA steps at lr 1e-3:
                                       SmolLM2-135M trains at 60-70 tokens/s on 2 CPU cores
---steps N sets both rounds' steps. Full-parameter AdamW keeps gradients and two moments, three more fp32
-copies of the weights (1.24B x 4 B x 3 = 14.9 GB for Llama 3.2 1B), which a 24 GB machine cannot hold beside
-the model and its teacher. optimizer_state=bf16 keeps the moments in bf16 (quant/optim.py, 4.9 GB less for
-1B), and a BF16 checkpoint's teacher holds its block linears in bf16 (store_in_bf16_where_exact, 1.9 GB
-less for 1B). qat_steps=0
-skips round 1 (adapters on the start: GPTQ's rotated backbone, or round to nearest with rotation=none).
+--steps N sets both rounds' steps. qat_steps=0 skips round 1 (adapters on the start: GPTQ's rotated
+backbone, or round to nearest with rotation=none).
+
+Memory: full-parameter AdamW keeps gradients and two moments, three more fp32 copies of the weights
+(1.24B x 4 B x 3 = 14.9 GB for Llama 3.2 1B), which a 24 GB machine cannot hold beside the model and its
+teacher. optimizer_state=bf16 keeps the moments in bf16 (quant/optim.py, 4.9 GB less for 1B), and the
+teacher holds its bf16-exact block linears in bf16 (store_in_bf16_where_exact, 1.9 GB less for 1B).
 """
 
 from __future__ import annotations
