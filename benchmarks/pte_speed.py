@@ -29,15 +29,16 @@ def prompt_ids(pte: Path, n: int, vocab: int) -> list[int]:
     man = read_manifest(pte.parent)
     if man and man.get("tokenizer"):
         from exporter.defaults import WIKITEXT2_TEST, data_file
+        from exporter.errors import PtekitError
         from exporter.tokenizer import Tokenizer
 
         try:
             text = data_file(WIKITEXT2_TEST).read_text()
-            ids = Tokenizer(pte.parent / man["tokenizer"]).encode(text[: 12 * n + 4096])
-            if len(ids) >= n:
-                return ids[:n]
-        except Exception:  # no data directory: the fixed ids serve as well
-            pass
+        except PtekitError:  # no data directory: the fixed ids serve as well
+            text = ""
+        ids = Tokenizer(pte.parent / man["tokenizer"]).encode(text[: 12 * n + 4096]) if text else []
+        if len(ids) >= n:
+            return ids[:n]
     return [(7919 * i + 13) % vocab for i in range(n)]
 
 

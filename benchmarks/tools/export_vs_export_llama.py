@@ -33,22 +33,16 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 
 def speed(pte_path: Path, prompt: list[int], gen: int, runs: int) -> dict:
+    from benchmarks.pte_speed import run_once
     from exporter.runtime import PteModel
 
     pte = PteModel(pte_path)
     prefill, decode = [], []
     for i in range(runs + 1):
-        t0 = time.perf_counter()
-        logits = pte.forward(prompt, 0)
-        t1 = time.perf_counter()
-        pos = len(prompt)
-        for _ in range(gen):
-            logits = pte.forward([int(logits.argmax())], pos)
-            pos += 1
-        t2 = time.perf_counter()
+        p, d = run_once(pte, prompt, gen)
         if i:  # the first run warms caches and XNNPACK's weight packing
-            prefill.append(len(prompt) / (t1 - t0))
-            decode.append(gen / (t2 - t1))
+            prefill.append(p)
+            decode.append(d)
     return {"prefill_tok_s": round(statistics.median(prefill), 1), "decode_tok_s": round(statistics.median(decode), 1),
             "prefill_all": [round(x, 1) for x in prefill], "decode_all": [round(x, 1) for x in decode]}
 
