@@ -14,8 +14,9 @@ is the number that tells two methods apart.
 
 The reference is the checkpoint under the `bf16` method run eagerly: bf16 weights and bf16
 activations, the model `ptekit export --method bf16` ships. (fp32 arithmetic on the same weights
-would be an idealised model that nothing runs, and on this CPU, with avx512_bf16, it is also the
-slower of the two.) The target is the same or another checkpoint with a method applied (eager),
+would be an idealised model that nothing runs.) On a CPU without bf16 instructions the GEMMs run in
+fp32 on the same bf16 numbers and round back to bf16 (Bf16GemmsInFp32), which PyTorch's own bf16
+GEMM computes too, six times slower there. The target is the same or another checkpoint with a method applied (eager),
 or a .pte run through ExecuTorch's runtime, so that the figure belongs to the file that ships.
 """
 
@@ -120,6 +121,32 @@ def make_windows(ids: list[int], seq_len: int, max_tokens: int | None, source: P
 # --- the models' logits ------------------------------------------------------------------------
 
 
+def native_bf16_gemms() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 avx512_bf16 or AMX). Elsewhere PyTorch's
+    bf16 GEMM converts as it goes: on an AVX2 x86 it runs 5 to 9 times slower than fp32."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # not measured on other CPUs: keep PyTorch's own bf16 path there
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+class Bf16GemmsInFp32(torch.overrides.TorchFunctionMode):
+    """Every bf16 F.linear computed in fp32 and its output rounded to bf16: what PyTorch's bf16 GEMM
+    computes (bf16 inputs, fp32 accumulation, one rounding; tests/test_quality.py checks a GEMM
+    agrees element for element but for the order of summation), on CPUs without bf16 instructions
+    in a sixth of the time. The reference and eager targets keep bf16 weights and activations."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and args[0].dtype == torch.bfloat16:
+            x, w, *rest = args
+            b = rest[0] if rest else kwargs.get("bias")
+            return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
 class EagerLogits:
     """A torch model on windows [B, N] -> logits [B, N-1, vocab] in fp32 (the last position predicts nothing)."""
 
@@ -129,7 +156,10 @@ class EagerLogits:
         self.batched = True
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        import contextlib
+
+        gemms = contextlib.nullcontext() if native_bf16_gemms() else Bf16GemmsInFp32()
+        with torch.inference_mode(), gemms:
             return self.model(windows[:, :-1]).float()
 
 

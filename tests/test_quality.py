@@ -238,6 +238,30 @@ def test_eager_view_scores_like_torchaos_exact_path(tiny_hf):
     assert abs(f["kl"]["mean"] - e["kl"]["mean"]) < 0.05 * e["kl"]["mean"]
 
 
+def test_bf16_gemms_in_fp32_are_pytorchs_bf16_gemms():
+    """What `ptekit eval` runs on CPUs without bf16 instructions: the same bf16 outputs as PyTorch's
+    bf16 GEMM but where the two orders of summation round apart (seen: 0.01% of the elements, by
+    one bf16 step), and every other op as it was."""
+    from torch import nn
+
+    from exporter.evaluate import Bf16GemmsInFp32
+
+    torch.manual_seed(0)
+    layer = nn.Linear(576, 1536).to(torch.bfloat16)
+    x = torch.randn(2, 256, 576, dtype=torch.bfloat16)
+    with torch.no_grad():
+        native = layer(x)
+        with Bf16GemmsInFp32():
+            ours = layer(x)
+            act = torch.nn.functional.silu(x)
+    assert ours.dtype == torch.bfloat16 and ours.shape == native.shape
+    differ = ours != native
+    assert differ.float().mean() < 1e-3
+    one_step = native.float().abs() * 2**-7  # bf16 keeps 8 significant bits
+    assert ((ours.float() - native.float()).abs()[differ] <= one_step[differ] + 1e-6).all()
+    assert torch.equal(act, torch.nn.functional.silu(x))
+
+
 def test_eager_view_keeps_the_online_hadamard():
     # SpinQuant's R4 linears carry their transform: dropping it would still run, and be wrong.
     from torch import nn
