@@ -22,6 +22,7 @@ or a .pte run through ExecuTorch's runtime, so that the figure belongs to the fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -154,11 +155,10 @@ class EagerLogits:
         self.model = model
         self.description = description
         self.batched = True
+        self.gemms_in_fp32 = not native_bf16_gemms()
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        import contextlib
-
-        gemms = contextlib.nullcontext() if native_bf16_gemms() else Bf16GemmsInFp32()
+        gemms = Bf16GemmsInFp32() if self.gemms_in_fp32 else contextlib.nullcontext()
         with torch.inference_mode(), gemms:
             return self.model(windows[:, :-1]).float()
 
