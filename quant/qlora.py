@@ -88,6 +88,7 @@ class QLoRASettings:
     kd_weight: float = 1.0  # distillation from the BF16 model's logits; 0 turns it off
     rotation: str = "hadamard"  # hadamard: start from random Hadamard rotations + GPTQ; none: from the checkpoint
     gptq_samples: int = 64  # rotation=hadamard: training windows GPTQ calibrates on
+    gptq_scale_search: bool = False  # rotation=hadamard: GPTQ's group scales by quant.gptq.searched_group_scales
     checkpoint_every: int = 50
     autocast: bool | None = None
     recompute_activations: bool = True  # recompute each block's activations in the backward: less memory
@@ -262,7 +263,8 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     # One fingerprint per round, chained: a round's checkpoint is reused only by a run that
     # would have produced it (same weights, data and settings up to that round).
     fp_data = _hash(weights_hash(model), data_id(src, s, inputs.seed), seq_len)
-    fp_start = _hash(fp_data, s.rotation, s.gptq_samples if s.rotation != "none" else None)
+    fp_start = _hash(fp_data, s.rotation, s.gptq_samples if s.rotation != "none" else None,
+                     *(["scale_search"] if s.gptq_scale_search and s.rotation != "none" else []))
     user_data = src != sft_data.SELF_GENERATED
     rounds = [("qat", s.train_config(s.qat_steps, s.lr, inputs.seed, user_data))]
     if s.lora_steps > 0:
@@ -293,7 +295,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
 
         # Deterministic (seed, windows), so a resumed run rebuilds the same start before loading its state.
         gptq = hadamard_gptq(model, windows.tokens[: s.gptq_samples, :seq_len], inputs.seed, str(device),
-                             progress=s.progress)
+                             progress=s.progress, scale_search=s.gptq_scale_search)
         scales = {name: scale for name, (_, scale) in gptq.items()}
     qat.prepare(model, scales)
     cfg = dict(rounds)["qat"]

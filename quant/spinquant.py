@@ -21,7 +21,7 @@ Options (inputs.options; values may be strings as a CLI passes them):
   init              auto | identity | hadamard
   r4                true | false
   iterations, lr, momentum, train_batch, train_seq_len, gptq, gptq_samples, gptq_seq_len,
-  damp, act_order, true_sequential, init_probe, init_eval_batches, checkpoint_layers, bf16
+  damp, act_order, true_sequential, scale_search, init_probe, init_eval_batches, checkpoint_layers, bf16
 inputs.steps overrides iterations, inputs.calibration the calibration text, inputs.seed the seed.
 """
 
@@ -92,6 +92,7 @@ class Settings:
     init_eval_batches: int = 2  # init=auto with init_probe=0: batches the starts' loss is compared on
     checkpoint_layers: bool = True
     bf16: bool = True  # matmuls of the rotation training in bf16
+    scale_search: bool = False  # GPTQ's group scales by quant.gptq.searched_group_scales
     seed: int = 0
 
 
@@ -338,6 +339,8 @@ def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tup
     if calibration is not None:
         update_with_file(h, Path(calibration))
     settings = dataclasses.asdict(s)
+    if not settings["scale_search"]:  # the fingerprint of a result from before the option existed
+        del settings["scale_search"]
     out = []
     for keys in (TRAINING_FIELDS, tuple(settings)):
         hk = h.copy()
@@ -361,15 +364,16 @@ def _prepare(model: nn.Module, s: Settings) -> bool:
 
 
 def hadamard_gptq(model: nn.Module, tokens: torch.Tensor, seed: int, device: str = "cpu",
-                  progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                  progress: bool = True, scale_search: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`-O rotation=hadamard` on a float model, in place: norms folded, R4 online where the FFN size
     allows, random Hadamard R1/R2 merged, then GPTQ of the block linears on `tokens`. Returns GPTQ's
     {linear: (integers, scales)}; the model holds their dequantized weights. The start qlora's
     rotation=hadamard trains from."""
-    s = Settings(rotation="hadamard", seed=seed)
+    s = Settings(rotation="hadamard", seed=seed, scale_search=scale_search)
     _prepare(model, s)
     rotation.apply_rotations(model, *random_rotations(model.config, seed))
-    opts = GPTQOptions(damp=s.damp, act_order=s.act_order, true_sequential=s.true_sequential)
+    opts = GPTQOptions(damp=s.damp, act_order=s.act_order, true_sequential=s.true_sequential,
+                       scale_search=s.scale_search)
     return gptq_model(model, tokens, opts, device, progress=progress)
 
 
@@ -423,7 +427,8 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     names = [f"layers.{i}.{n}" for i in range(model.config.n_layers) for n in rotation.LAYER_LINEARS]
     if s.gptq:
         tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=s.gptq_samples, source=calibration)
-        opts = GPTQOptions(damp=s.damp, act_order=s.act_order, true_sequential=s.true_sequential)
+        opts = GPTQOptions(damp=s.damp, act_order=s.act_order, true_sequential=s.true_sequential,
+                       scale_search=s.scale_search)
         weights = gptq_model(model, tokens[: s.gptq_samples], opts, device)
     else:
         weights = {}

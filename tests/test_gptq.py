@@ -88,3 +88,36 @@ def test_int4_weight_keeps_gptq_integers():
     t = int4_weight(q, s)
     assert torch.equal(t.qdata, q) and torch.equal(t.scale, s)
     torch.testing.assert_close(t.dequantize(), dequantize(q, s))
+
+
+def test_scale_search_picks_each_groups_least_error_shrink():
+    """searched_group_scales against a plain loop over groups and shrink factors; on Gaussian
+    weights it rounds with less squared error than max|w| / 7.5, and GPTQ uses it by default."""
+    from quant.gptq import group_scales, round_to_grid, searched_group_scales
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 128, generator=g) / 16
+    got = searched_group_scales(w)
+    for r in range(6):
+        for c in range(4):
+            grp = w[r, c * 32:(c + 1) * 32]
+            base = (grp.abs().max() / 7.5).to(torch.bfloat16).float()  # the .pte's scales are bf16
+            errs = []
+            for k in range(21):
+                s = (base * (1 - k * 0.2 / 20)).to(torch.bfloat16).float()
+                inv = (1 / s.to(torch.bfloat16)).float()  # torchao rounds by the bf16 reciprocal
+                errs.append((((grp - torch.clamp(torch.round(grp * inv), -8, 7) * s).abs() ** 2.4).sum().item(), s))
+            best = min(errs, key=lambda e: e[0])  # the first of equal errors, as the search keeps
+            assert got[r, c].item() == pytest.approx(best[1].item(), rel=1e-6), (r, c)
+
+    w = torch.randn(256, 256, generator=g)
+
+    def sq_err(s):
+        grp = w.reshape(256, -1, 32)
+        return ((grp - round_to_grid(grp, s[..., None]) * s[..., None]) ** 2).sum().item()
+
+    assert sq_err(searched_group_scales(w)) < 0.95 * sq_err(group_scales(w))
+    # With act-order GPTQ fixes the scales up front from the weights: the searched ones, when asked.
+    x = correlated_inputs(512, 256)
+    _, s = gptq_quantize(w, 2 * x.t() @ x / len(x), GPTQOptions(act_order=True, scale_search=True))
+    assert torch.equal(s, searched_group_scales(w))
