@@ -91,7 +91,9 @@ class Settings:
     init_probe: int = 5  # init=auto: steps each start is optimized before the better one is kept
     init_eval_batches: int = 2  # init=auto with init_probe=0: batches the starts' loss is compared on
     checkpoint_layers: bool = True
-    bf16: bool = True  # matmuls of the rotation training in bf16
+    # Matmuls of the rotation training in bf16. None: where the device multiplies bf16 natively (a GPU
+    # with bf16, a CPU with avx512_bf16 or AMX); on an AVX2 CPU bf16 GEMMs are several times slower than fp32.
+    bf16: bool | None = None
     scale_search: bool = False  # GPTQ's group scales by quant.gptq.searched_group_scales
     seed: int = 0
 
@@ -115,12 +117,23 @@ def settings_from(inputs) -> Settings:
         changes["iterations"] = int(inputs.steps)
     changes.setdefault("seed", inputs.seed)
     s = dataclasses.replace(base, **changes)
+    if s.bf16 is None:
+        s = dataclasses.replace(s, bf16=native_bf16(resolve_device(inputs.device)))
     for key, allowed in (("rotation", ("learned", "hadamard", "none")), ("init", ("auto", "identity", "hadamard"))):
         if getattr(s, key) not in allowed:
             raise PtekitError(f"spinquant: option {key}={getattr(s, key)!r}; choose one of {', '.join(allowed)}")
     if s.iterations < 0 or s.train_batch < 1 or s.gptq_samples < 1:
         raise PtekitError("spinquant: iterations must be >= 0, train_batch and gptq_samples >= 1")
     return s
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bf16 in hardware, so bf16 matmuls are faster than fp32 there."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    from exporter.evaluate import native_bf16_gemms
+
+    return native_bf16_gemms()
 
 
 # --- the training loss ------------------------------------------------------------------------------
