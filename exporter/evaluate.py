@@ -122,17 +122,6 @@ def make_windows(ids: list[int], seq_len: int, max_tokens: int | None, source: P
 # --- the models' logits ------------------------------------------------------------------------
 
 
-def native_bf16_gemms() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (x86 avx512_bf16 or AMX). Elsewhere PyTorch's
-    bf16 GEMM converts as it goes: on an AVX2 x86 it runs 5 to 9 times slower than fp32."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True  # not measured on other CPUs: keep PyTorch's own bf16 path there
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 class Bf16GemmsInFp32(torch.overrides.TorchFunctionMode):
     """Every bf16 F.linear computed in fp32 and its output rounded to bf16: what PyTorch's bf16 GEMM
     computes (bf16 inputs, fp32 accumulation, one rounding; tests/test_quality.py checks a GEMM
@@ -155,7 +144,9 @@ class EagerLogits:
         self.model = model
         self.description = description
         self.batched = True
-        self.gemms_in_fp32 = not native_bf16_gemms()
+        from quant.method import native_bf16
+
+        self.gemms_in_fp32 = not native_bf16("cpu")
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         gemms = Bf16GemmsInFp32() if self.gemms_in_fp32 else contextlib.nullcontext()

@@ -46,16 +46,16 @@ def searched_group_scales(w: torch.Tensor, group_size: int = scheme.GROUP_SIZE, 
     rounding error sum |w - q s|^norm is least (the reference GPTQ quantizer's `mse` search, with its
     norm 2.4): clipping the largest weight a little can round the other 31 more finely."""
     g = w.float().reshape(w.shape[0], -1, group_size)
+
+    def error(s: torch.Tensor) -> torch.Tensor:
+        return (g - round_to_grid(g, s[..., None]) * s[..., None]).abs_().pow_(norm).sum(-1)
+
     base = group_scales(w, group_size)
-    best, best_err = base, None
-    for k in range(steps + 1):
+    best, best_err = base, error(base)
+    for k in range(1, steps + 1):
         s = (base * (1 - k * max_shrink / steps)).to(scheme.GROUP_SCALE_DTYPE).float()
-        err = (g - round_to_grid(g, s[..., None]) * s[..., None]).abs_().pow_(norm).sum(-1)
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best = torch.where(better, s, best)
+        err = error(s)
+        best = torch.where(err < best_err, s, best)  # ties keep the larger scale
         best_err = torch.minimum(err, best_err)
     return best
 

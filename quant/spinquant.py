@@ -53,6 +53,7 @@ from quant.hadamard import random_hadamard
 from quant.method import (
     check_fingerprint,
     load_state,
+    native_bf16,
     option_values,
     pop_preset,
     resolve_device,
@@ -97,6 +98,10 @@ class Settings:
     scale_search: bool = False  # GPTQ's group scales by quant.gptq.searched_group_scales
     seed: int = 0
 
+    def gptq_options(self) -> GPTQOptions:
+        return GPTQOptions(damp=self.damp, act_order=self.act_order, true_sequential=self.true_sequential,
+                           scale_search=self.scale_search)
+
 
 PRESETS = {
     # The paper's: 800 samples of 2048 tokens (100 iterations of 8) for the rotations, 128 for GPTQ.
@@ -125,15 +130,6 @@ def settings_from(inputs) -> Settings:
     if s.iterations < 0 or s.train_batch < 1 or s.gptq_samples < 1:
         raise PtekitError("spinquant: iterations must be >= 0, train_batch and gptq_samples >= 1")
     return s
-
-
-def native_bf16(device: str) -> bool:
-    """Whether `device` multiplies bf16 in hardware, so bf16 matmuls are faster than fp32 there."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    from exporter.evaluate import native_bf16_gemms
-
-    return native_bf16_gemms()
 
 
 # --- the training loss ------------------------------------------------------------------------------
@@ -385,9 +381,7 @@ def hadamard_gptq(model: nn.Module, tokens: torch.Tensor, seed: int, device: str
     s = Settings(rotation="hadamard", seed=seed, scale_search=scale_search)
     _prepare(model, s)
     rotation.apply_rotations(model, *random_rotations(model.config, seed))
-    opts = GPTQOptions(damp=s.damp, act_order=s.act_order, true_sequential=s.true_sequential,
-                       scale_search=s.scale_search)
-    return gptq_model(model, tokens, opts, device, progress=progress)
+    return gptq_model(model, tokens, s.gptq_options(), device, progress=progress)
 
 
 def rotated_structure(model: nn.Module) -> None:
@@ -440,9 +434,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     names = [f"layers.{i}.{n}" for i in range(model.config.n_layers) for n in rotation.LAYER_LINEARS]
     if s.gptq:
         tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=s.gptq_samples, source=calibration)
-        opts = GPTQOptions(damp=s.damp, act_order=s.act_order, true_sequential=s.true_sequential,
-                       scale_search=s.scale_search)
-        weights = gptq_model(model, tokens[: s.gptq_samples], opts, device)
+        weights = gptq_model(model, tokens[: s.gptq_samples], s.gptq_options(), device)
     else:
         weights = {}
         for name in names:

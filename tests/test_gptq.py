@@ -92,7 +92,7 @@ def test_int4_weight_keeps_gptq_integers():
 
 def test_scale_search_picks_each_groups_least_error_shrink():
     """searched_group_scales against a plain loop over groups and shrink factors; on Gaussian
-    weights it rounds with less squared error than max|w| / 7.5, and GPTQ uses it by default."""
+    weights it rounds with less squared error than max|w| / 7.5, and GPTQ with act-order uses it when asked."""
     from quant.gptq import group_scales, round_to_grid, searched_group_scales
 
     g = torch.Generator().manual_seed(3)

@@ -389,11 +389,10 @@ def test_saved_result_is_only_reused_for_the_same_fingerprint(tmp_path):
 
 def test_rotation_training_runs_in_bf16_only_where_the_cpu_multiplies_bf16(tmp_path, monkeypatch):
     """bf16 matmuls by default only on hardware with bf16 instructions; -O bf16 overrides either way."""
-    import exporter.evaluate
     from quant import spinquant
 
     for native in (True, False):
-        monkeypatch.setattr(exporter.evaluate, "native_bf16_gemms", lambda native=native: native)
+        monkeypatch.setattr(spinquant, "native_bf16", lambda device, native=native: native)
         assert spinquant.settings_from(MethodInputs(work_dir=tmp_path, device="cpu")).bf16 is native
         for given in ("true", "false"):
             s = spinquant.settings_from(MethodInputs(work_dir=tmp_path, device="cpu", options={"bf16": given}))
