@@ -319,20 +319,23 @@ def test_killed_client_hangs_up_the_remote_command(fake_adb, how):
 
     dev = AdbDevice()
     dev.open()
-    argv = ["sh", "-c", 'trap "echo hup > $1; exit 129" HUP; sleep 60 & wait', "sh", dev.path("hup")]
-    marker = fake_adb / REMOTE_DIR.lstrip("/") / "hup"
+    # The command says when its trap is in (`ready`): a hang-up before that would end it without one,
+    # which is not what this test is about, and on a loaded machine the shell can start late.
+    argv = ["sh", "-c", 'trap "echo hup > $1; exit 129" HUP; touch "$2"; sleep 60 & wait', "sh",
+            dev.path("hup"), dev.path("ready")]
+    remote = fake_adb / REMOTE_DIR.lstrip("/")
+    marker = remote / "hup"
     if how == "SIGKILL":
         p = subprocess.Popen([str(FAKE_ADB), "shell", " ".join(__import__("shlex").quote(a) for a in argv)])
         try:
-            import time
-
-            time.sleep(1.0)
+            assert _wait_for(remote / "ready", 30), "the remote command did not start"
             p.send_signal(signal.SIGKILL)
         finally:
             p.wait()
     else:
-        with pytest.raises(PtekitError, match="did not finish within 1 s"):
-            dev.shell(argv, timeout=1, what="the trap")
+        with pytest.raises(PtekitError, match="did not finish within 3 s"):
+            dev.shell(argv, timeout=3, what="the trap")
+        assert (remote / "ready").exists(), "the remote command had not started within the timeout"
     assert _wait_for(marker), "the remote command got no SIGHUP"
     assert marker.read_text() == "hup\n"
     assert dev.close() is None
