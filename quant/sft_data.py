@@ -203,7 +203,7 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
         for first in range(0, n_sequences, batch):
             b = min(batch, n_sequences - first)
             for layer in model.layers:
-                shape = (b, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+                shape = (b, length, cfg.n_kv_heads, cfg.head_dim)  # the eager path reads only what was written
                 layer.attention.k_cache = torch.zeros(shape, device=device)
                 layer.attention.v_cache = torch.zeros(shape, device=device)
             seq = torch.randint(0, cfg.vocab_size, (b, 1), generator=g)
