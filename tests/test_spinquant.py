@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -397,3 +398,43 @@ def test_rotation_training_runs_in_bf16_only_where_the_cpu_multiplies_bf16(tmp_p
         for given in ("true", "false"):
             s = spinquant.settings_from(MethodInputs(work_dir=tmp_path, device="cpu", options={"bf16": given}))
             assert s.bf16 is (given == "true")
+
+
+def test_mixed_gptq_data_is_half_self_generated_and_kept_for_a_rerun(tiny96_hf, calibration, tmp_path, monkeypatch):
+    """gptq_data=mixed: GPTQ sees the model's own text in its first half of windows, the calibration text in
+    the second; the generated windows stay in the work directory, so a rerun does not write them again."""
+    from exporter.tokenizer import Tokenizer
+    from quant import data, gptq, sft_data, spinquant
+
+    ckpt = load_checkpoint(tiny96_hf)
+    tok = Tokenizer(ckpt.tokenizer_path)
+    seen = []
+    real_gptq = gptq.gptq_model
+
+    def recording(model, tokens, *a, **k):
+        seen.append(tokens.clone())
+        return real_gptq(model, tokens, *a, **k)
+
+    monkeypatch.setattr(spinquant, "gptq_model", recording)
+    run = inputs(tmp_path, tok, calibration, rotation="hadamard", gptq_data="mixed")
+    spinquant.quantize(build_model(ckpt, max_seq_len=64), run)
+    tokens = seen[0]
+    s = spinquant.settings_from(run)
+    calib = data.windows(data.token_stream(calibration, tok), s.gptq_seq_len, s.seed + 1, at_least=s.gptq_samples)
+    assert tokens.shape == (s.gptq_samples, s.gptq_seq_len)
+    half = s.gptq_samples // 2
+    torch.testing.assert_close(tokens[half:], calib[:half])
+    assert not any(torch.equal(row, c) for row in tokens[:half] for c in calib)  # not calibration windows
+    cached = list(tmp_path.glob("gptq-generated-*.jsonl"))
+    assert len(cached) == 1
+    assert torch.equal(torch.tensor([e.tokens for e in sft_data.read_examples(cached[0])]), tokens[:half])
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(sft_data, "self_generated", no_generation)
+    shutil.rmtree(tmp_path / spinquant.RESULT)
+    spinquant.quantize(build_model(ckpt, max_seq_len=64), run)
+    assert torch.equal(seen[1], tokens)
+    with pytest.raises(PtekitError, match="gptq_data='text'; choose one of calibration, generated, mixed"):
+        spinquant.settings_from(inputs(tmp_path, tok, calibration, gptq_data="text"))
