@@ -116,6 +116,20 @@ def exported(name: str, checkpoint: Path, method: str, **kw) -> Path:
     return cached_dir(name, lambda d: export(checkpoint, d, method, **kw), str(checkpoint), method, sorted(kw.items())) / "model.pte"
 
 
+def relowered_with_every_xnnpack_pass(done: Path, checkpoint: Path, method: str, tmp: Path, monkeypatch,
+                                      **kw) -> bytes:
+    """The .pte that export `done` (a finished export directory) gives with all of XNNPACK's preprocess
+    passes, including those exporter.lower leaves out. A copy of the directory is exported again, so a
+    method's saved work (rotations, trained weights) is reused and only the lowering runs."""
+    import exporter.lower
+    from exporter.pipeline import export
+
+    again = tmp / "every-pass"
+    shutil.copytree(done, again)
+    monkeypatch.setattr(exporter.lower, "_passes_without_effect_on_llms", lambda: ())
+    return export(checkpoint, again, method, **kw).pte.read_bytes()
+
+
 @pytest.fixture(scope="session")
 def tiny_ptq_pte(tiny_hf) -> Path:
     """A small real .pte (2 layers, SmolLM2 tokenizer) for harness and runtime tests."""

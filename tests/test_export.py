@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import relowered_with_every_xnnpack_pass
 from exporter.checkpoint import build_model, load_checkpoint
 from exporter.pipeline import export
 from exporter.runtime import PteModel
@@ -68,6 +69,21 @@ def test_pte_logits_match_eager_quantized_model(tiny_hf, tiny_ptq_pte):
 def test_two_exports_are_byte_identical(tiny_hf, tiny_ptq_pte, tmp_path):
     again = export(tiny_hf, tmp_path / "again", "ptq", max_seq_len=256, eval_method=True)
     assert again.pte.read_bytes() == tiny_ptq_pte.read_bytes()
+
+
+def test_xnnpack_passes_left_out_change_no_byte(tiny_hf, tiny_ptq_pte, tmp_path, monkeypatch):
+    """exporter.lower leaves nine of XNNPACK's preprocess passes out (they rewrite ops a Llama graph never
+    holds); with them the .pte is the same, for ptq here and for bf16, spinquant and qlora beside their
+    exports."""
+    every = relowered_with_every_xnnpack_pass(tiny_ptq_pte.parent, tiny_hf, "ptq", tmp_path, monkeypatch,
+                                              max_seq_len=256, eval_method=True)
+    assert every == tiny_ptq_pte.read_bytes()
+
+
+def test_bf16_export_without_the_passes_is_byte_identical(tiny_hf, tmp_path, monkeypatch):
+    done = export(tiny_hf, tmp_path / "bf16", "bf16", max_seq_len=128).out_dir
+    every = relowered_with_every_xnnpack_pass(done, tiny_hf, "bf16", tmp_path, monkeypatch, max_seq_len=128)
+    assert every == (done / "model.pte").read_bytes()
 
 
 class Boom(Exception):

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import relowered_with_every_xnnpack_pass
 from exporter.checkpoint import Checkpoint, build_model, random_checkpoint
 from exporter.config import ModelConfig
 from exporter.errors import PtekitError
@@ -162,6 +164,21 @@ def test_pte_logits_match_eager_converted_model_with_float_adapters(qlora_export
     n_lora = lora_parameter_count(eager)
     grown = qlora_export.pte.stat().st_size - tiny_ptq_pte.stat().st_size
     assert 4 * n_lora - 16 * 1024 <= grown < 4 * n_lora + 64 * 1024, (grown, n_lora)
+
+
+
+def test_xnnpack_passes_left_out_change_no_byte_of_the_qlora_pte(qlora_export, tiny_hf, wikitext_valid, tmp_path,
+                                                                  monkeypatch):
+    """The fp32 adapter branches beside the 4-bit linears lower to the same bytes without those passes.
+    Both sides lower the weights saved in the work directory (the first export lowers the trained model
+    in memory, and its bytes differ from a re-export's)."""
+    from exporter.pipeline import export
+
+    kw = dict(max_seq_len=256, calibration=wikitext_valid, options=EXPORT_OPTIONS)
+    shutil.copytree(qlora_export.out_dir, tmp_path / "again")
+    again = export(tiny_hf, tmp_path / "again", "qlora", **kw).pte.read_bytes()
+    every = relowered_with_every_xnnpack_pass(qlora_export.out_dir, tiny_hf, "qlora", tmp_path, monkeypatch, **kw)
+    assert every == again
 
 
 def test_qat_steps_0_trains_only_the_adapters_on_the_round_to_nearest_backbone(tiny_hf, wikitext_valid, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED_DATA, cached_dir, write_tiny_hf
+from conftest import SHARED_DATA, cached_dir, relowered_with_every_xnnpack_pass, write_tiny_hf
 from exporter.checkpoint import Checkpoint, build_model, load_checkpoint, random_checkpoint
 from exporter.config import ModelConfig
 from exporter.errors import PtekitError
@@ -287,6 +287,15 @@ def test_rerun_loads_the_saved_result_and_pte_matches_it(tiny_spinquant_pte, tin
     assert (ours - eager).abs().max().item() < 0.02 * span
     assert (ours.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.95
     assert torch.equal(pte.forward(ids, 0), ours[-1])
+
+
+def test_xnnpack_passes_left_out_change_no_byte_of_the_spinquant_pte(tiny_spinquant_pte, tiny96_hf, calibration,
+                                                                      tmp_path, monkeypatch):
+    """The online Hadamard transforms and folded norms lower to the same bytes without those passes."""
+    every = relowered_with_every_xnnpack_pass(tiny_spinquant_pte.out_dir, tiny96_hf, "spinquant", tmp_path,
+                                              monkeypatch, max_seq_len=128, eval_method=True,
+                                              calibration=calibration, options=TINY_OPTIONS)
+    assert every == tiny_spinquant_pte.pte.read_bytes()
 
 
 def test_bad_options_and_files_are_one_clear_error(tmp_path, calibration):
