@@ -72,8 +72,8 @@ def test_two_exports_are_byte_identical(tiny_hf, tiny_ptq_pte, tmp_path):
 
 
 def test_xnnpack_passes_left_out_change_no_byte(tiny_hf, tiny_ptq_pte, tmp_path, monkeypatch):
-    """exporter.lower leaves nine of XNNPACK's preprocess passes out (they rewrite ops a Llama graph never
-    holds); with them the .pte is the same, for ptq here and for bf16, spinquant and qlora beside their
+    """exporter.lower leaves thirteen of XNNPACK's preprocess passes out (they find nothing to change in a
+    Llama graph); with them the .pte is the same, for ptq here and for bf16, spinquant and qlora beside their
     exports."""
     every = relowered_with_every_xnnpack_pass(tiny_ptq_pte.parent, tiny_hf, "ptq", tmp_path, monkeypatch,
                                               max_seq_len=256, eval_method=True)
