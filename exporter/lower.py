@@ -45,7 +45,9 @@ def prepare_for_export(model: Transformer, dtype: torch.dtype) -> Transformer:
     for m in model.modules():
         if hasattr(m, "use_executorch_ops"):
             m.use_executorch_ops = True
-    return model.eval()
+    # The .pte records each tensor's requires_grad; a trained model (qlora freezes its backbone) and the
+    # same weights loaded from the work directory would otherwise lower to different bytes.
+    return model.eval().requires_grad_(False)
 
 
 def model_dtype(model: Transformer) -> torch.dtype:

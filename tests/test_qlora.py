@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -169,16 +168,11 @@ def test_pte_logits_match_eager_converted_model_with_float_adapters(qlora_export
 
 def test_xnnpack_passes_left_out_change_no_byte_of_the_qlora_pte(qlora_export, tiny_hf, wikitext_valid, tmp_path,
                                                                   monkeypatch):
-    """The fp32 adapter branches beside the 4-bit linears lower to the same bytes without those passes.
-    Both sides lower the weights saved in the work directory (the first export lowers the trained model
-    in memory, and its bytes differ from a re-export's)."""
-    from exporter.pipeline import export
-
-    kw = dict(max_seq_len=256, calibration=wikitext_valid, options=EXPORT_OPTIONS)
-    shutil.copytree(qlora_export.out_dir, tmp_path / "again")
-    again = export(tiny_hf, tmp_path / "again", "qlora", **kw).pte.read_bytes()
-    every = relowered_with_every_xnnpack_pass(qlora_export.out_dir, tiny_hf, "qlora", tmp_path, monkeypatch, **kw)
-    assert every == again
+    """The fp32 adapter branches beside the 4-bit linears lower to the same bytes without those passes; the
+    re-export lowers the weights saved in the work directory, the first export the trained model in memory."""
+    every = relowered_with_every_xnnpack_pass(qlora_export.out_dir, tiny_hf, "qlora", tmp_path, monkeypatch,
+                                              max_seq_len=256, calibration=wikitext_valid, options=EXPORT_OPTIONS)
+    assert every == qlora_export.pte.read_bytes()
 
 
 def test_qat_steps_0_trains_only_the_adapters_on_the_round_to_nearest_backbone(tiny_hf, wikitext_valid, tmp_path):
