@@ -90,6 +90,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # wq/wk/wv as one linear, set (and the three removed) by quant.fuse when lowering.
+        self.register_module("wqkv", None)
         self.use_executorch_ops = False
         self.register_buffer("rope_swap", None, persistent=False)  # Transformer.init_constants shares one
         self.register_buffer("k_cache", None, persistent=False)
@@ -103,9 +105,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, start: int | None = None):
         # -1 for the sequence: XNNPACK delegates a reshape with one inferred dimension, not a symbolic one.
         B, S = x.shape[0], x.shape[1]
-        q = self.wq(x).view(B, -1, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, -1, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, -1, self.n_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x) if self.wqkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(B, -1, self.n_heads, self.head_dim)
+        k = k.view(B, -1, self.n_kv_heads, self.head_dim)
+        v = v.view(B, -1, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin, self.rope_swap), apply_rope(k, cos, sin, self.rope_swap)
 
         if start is None:
@@ -149,9 +152,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.register_module("w13", None)  # w1 and w3 as one linear, set by quant.fuse when lowering
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

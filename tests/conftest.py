@@ -118,16 +118,45 @@ def exported(name: str, checkpoint: Path, method: str, **kw) -> Path:
 
 def relowered_with_every_xnnpack_pass(done: Path, checkpoint: Path, method: str, tmp: Path, monkeypatch,
                                       **kw) -> bytes:
-    """The .pte that export `done` (a finished export directory) gives with all of XNNPACK's preprocess
-    passes, including those exporter.lower leaves out. A copy of the directory is exported again, so a
+    """The .pte that export `done` (a finished export directory) gives with the XNNPACK preprocess passes
+    exporter.lower leaves out because they change nothing (not the clone removal, which fused projections
+    need off). A copy of the directory is exported again, so a
     method's saved work (rotations, trained weights) is reused and only the lowering runs."""
     import exporter.lower
+
+    monkeypatch.setattr(exporter.lower, "_passes_without_effect_on_llms", lambda: ())
+    return _exported_again(done, checkpoint, method, tmp / "every-pass", **kw).read_bytes()
+
+
+def relowered_unfused(done: Path, checkpoint: Path, method: str, tmp: Path, monkeypatch, **kw) -> Path:
+    """The .pte of export `done` lowered again without fusing wq/wk/wv and w1/w3 (quant.fuse)."""
+    import quant.fuse
+
+    monkeypatch.setattr(quant.fuse, "fuse_shared_input_linears", lambda model: model)
+    return _exported_again(done, checkpoint, method, tmp / "unfused", **kw)
+
+
+def _exported_again(done: Path, checkpoint: Path, method: str, again: Path, **kw) -> Path:
     from exporter.pipeline import export
 
-    again = tmp / "every-pass"
     shutil.copytree(done, again)
-    monkeypatch.setattr(exporter.lower, "_passes_without_effect_on_llms", lambda: ())
-    return export(checkpoint, again, method, **kw).pte.read_bytes()
+    return export(checkpoint, again, method, **kw).pte
+
+
+def same_logits(a: Path, b: Path, prompt_len: int = 12, steps: int = 6) -> None:
+    """Asserts that two .pte files give bit-identical logits for a prompt and greedy steps after it."""
+    import torch
+
+    from exporter.runtime import PteModel
+
+    ma, mb = PteModel(a), PteModel(b)
+    ids = [(37 * i + 11) % int(ma.meta("get_vocab_size")) for i in range(prompt_len)]
+    la, lb = ma.forward(ids, 0), mb.forward(ids, 0)
+    for pos in range(prompt_len, prompt_len + steps):
+        assert torch.equal(la, lb), f"logits differ at position {pos - 1}: max |diff| {(la - lb).abs().max()}"
+        tok = int(la.argmax())
+        la, lb = ma.forward([tok], pos), mb.forward([tok], pos)
+    assert torch.equal(la, lb)
 
 
 @pytest.fixture(scope="session")

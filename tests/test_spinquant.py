@@ -12,7 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED_DATA, cached_dir, relowered_with_every_xnnpack_pass, write_tiny_hf
+from conftest import (
+    SHARED_DATA,
+    cached_dir,
+    relowered_unfused,
+    relowered_with_every_xnnpack_pass,
+    same_logits,
+    write_tiny_hf,
+)
 from exporter.checkpoint import Checkpoint, build_model, load_checkpoint, random_checkpoint
 from exporter.config import ModelConfig
 from exporter.errors import PtekitError
@@ -296,6 +303,14 @@ def test_xnnpack_passes_left_out_change_no_byte_of_the_spinquant_pte(tiny_spinqu
                                               monkeypatch, max_seq_len=128, eval_method=True,
                                               calibration=calibration, options=TINY_OPTIONS)
     assert every == tiny_spinquant_pte.pte.read_bytes()
+
+
+def test_fused_linears_of_the_rotated_model_are_exact(tiny_spinquant_pte, tiny96_hf, calibration, tmp_path,
+                                                       monkeypatch):
+    unfused = relowered_unfused(tiny_spinquant_pte.out_dir, tiny96_hf, "spinquant", tmp_path, monkeypatch,
+                                max_seq_len=128, eval_method=True, calibration=calibration, options=TINY_OPTIONS)
+    assert unfused.read_bytes() != tiny_spinquant_pte.pte.read_bytes()
+    same_logits(tiny_spinquant_pte.pte, unfused)
 
 
 def test_bad_options_and_files_are_one_clear_error(tmp_path, calibration):

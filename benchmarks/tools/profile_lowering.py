@@ -6,8 +6,8 @@
 Prints CPU seconds for torch.export and for to_edge_transform_and_lower + to_executorch, and the
 serialized program's size and hash; the profile file opens with `python -m pstats`. Lowering is
 CPU-bound Python, so CPU seconds compare across runs even on a shared machine where wall time does
-not. --every-xnnpack-pass also runs the XNNPACK passes exporter.lower leaves out (the time before
-that change, and the same bytes); --no-profile times without cProfile's overhead.
+not. --every-xnnpack-pass also runs the XNNPACK passes exporter.lower leaves out as changing nothing
+(the time they cost, and the same bytes); --no-profile times without cProfile's overhead.
 """
 
 from __future__ import annotations
