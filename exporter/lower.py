@@ -40,7 +40,7 @@ def load_executorch_ops() -> None:
 
 def prepare_for_export(model: Transformer, dtype: torch.dtype) -> Transformer:
     model.last_logits_only = True
-    fuse.fuse_shared_input_linears(model)
+    fuse.fuse_qkv(model)
     model.setup_caches(dtype)
     # Every module with an ExecuTorch-only fast path (attention, the int8 embedding, online
     # Hadamard transforms) carries this flag.
@@ -94,14 +94,14 @@ def export_programs(model: Transformer, opts: LowerOptions, advance=lambda name:
 
 
 # executorch 1.5.1's XNNPACK preprocess runs 17 passes over every delegated partition, and each ends by
-# re-tracing the partition through fake tensors with the symbolic sequence length. Twelve find nothing
+# re-tracing the partition through fake tensors with the symbolic sequence length. Thirteen find nothing
 # to change in ptekit's graphs: nine rewrite ops a Llama graph never holds (convolutions, batch norm,
 # PReLU, bilinear upsampling, an SDPA pattern (the attention is ExecuTorch's custom op, outside the
 # delegate), ReLU/hardtanh after an op, max pooling's getitem, dim-order ops (lowering runs with
-# _skip_dim_order)), and three tidy up what the partitioner hands over (concatenations of more than five
-# inputs, redundant copies, constant subgraphs), none of which it hands over here. The .pte is
+# _skip_dim_order)), and four tidy up what the partitioner hands over (concatenations of more than five
+# inputs, clones, redundant copies, constant subgraphs), none of which it hands over here. The .pte is
 # byte-identical without them for every method (tests/test_export.py, test_spinquant.py, test_qlora.py
-# re-lower with them). A SmolLM2 ptq export at max_seq_len 2048 took 221.6 s instead of 358 s
+# re-lower with all 17). A SmolLM2 ptq export at max_seq_len 2048 took 221.6 s instead of 358 s
 # (docs/lowering-time.md).
 def _passes_without_effect_on_llms() -> tuple:
     from executorch.backends.transforms.remove_getitem_op import RemoveGetItemPass
@@ -110,25 +110,17 @@ def _passes_without_effect_on_llms() -> tuple:
 
     return (p.ConvertToUpsampleBilinear2d, p.ConvertToSDPAPass, p.FuseBatchNormPass, p.DecomposeBatchNorm,
             p.Conv1dUnsqueezePass, p.PReLUReshapePass, p.FuseActivationPass, RemoveGetItemPass,
-            DimOrderOpsRevertPass, p.DecomposeConcatenate, p.RemoveRedundantCopyPass, p.ConstPropPass)
-
-
-# The clone removal must stay off: the fused q/k projections (quant.fuse) are slices of one output, and
-# RoPE's reshape of a slice is a copy (a clone in the graph). Without that clone XNNPACK's preprocess
-# rejects the partition ("Output node ... is already in the inputs": a pass-through it cannot serialize).
-def _passes_that_break_fused_projections() -> tuple:
-    from executorch.backends.xnnpack import _passes as p
-
-    return (p.XNNPACKRemoveCloneOpsTransform,)
+            DimOrderOpsRevertPass, p.DecomposeConcatenate, p.XNNPACKRemoveCloneOpsTransform,
+            p.RemoveRedundantCopyPass, p.ConstPropPass)
 
 
 @contextlib.contextmanager
 def xnnpack_passes_for_llms():
-    """While lowering, XNNPACK's preprocess runs its default passes less the two lists above."""
+    """While lowering, XNNPACK's preprocess runs its default passes less _passes_without_effect_on_llms."""
     from executorch.backends.xnnpack import xnnpack_preprocess
 
     base = xnnpack_preprocess.XNNPACKPassManager
-    skipped = _passes_without_effect_on_llms() + _passes_that_break_fused_projections()
+    skipped = _passes_without_effect_on_llms()
 
     class LlmPassManager(base):
         def __init__(self, exported_program, passes=None):

@@ -58,11 +58,13 @@ def pair_swap(d: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D]; cos, sin: [S, D] (rope_frequencies); swap: pair_swap(D)."""
+    """x: [B, S, H, D]; cos, sin: [S, D] (rope_frequencies) or [S, H, D] (per head); swap: pair_swap(D)."""
     B, H, D = x.shape[0], x.shape[2], x.shape[3]
+    if cos.dim() == 2:
+        cos, sin = cos.view(-1, 1, D), sin.view(-1, 1, D)
     # Reshapes infer the sequence length (-1): XNNPACK delegates those, not symbolic ones.
     swapped = F.linear(x.reshape(B, -1, D), swap.to(x.dtype)).view(B, -1, H, D)
-    out = x * cos.view(-1, 1, D) + swapped * sin.view(-1, 1, D)
+    out = x * cos + swapped * sin
     return out.to(x.dtype)
 
 
@@ -90,8 +92,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        # wq/wk/wv as one linear, set (and the three removed) by quant.fuse when lowering.
+        # wq/wk/wv as one linear, set by use_fused_qkv (quant.fuse, when lowering).
         self.register_module("wqkv", None)
+        self.register_buffer("rope_heads", None, persistent=False)
         self.use_executorch_ops = False
         self.register_buffer("rope_swap", None, persistent=False)  # Transformer.init_constants shares one
         self.register_buffer("k_cache", None, persistent=False)
@@ -102,14 +105,32 @@ class Attention(nn.Module):
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
 
+    def use_fused_qkv(self, wqkv: nn.Module) -> None:
+        """Replaces wq, wk and wv by one module whose output is [q | k | v] (quant.fuse builds it)."""
+        self.wqkv = wqkv
+        del self.wq, self.wk, self.wv
+        heads = torch.ones(self.n_heads + 2 * self.n_kv_heads, 1)
+        heads[self.n_heads + self.n_kv_heads :] = 0  # v's heads: cos 1 and sin 0, RoPE passes them through
+        self.rope_heads = heads
+
     def forward(self, x, cos, sin, start: int | None = None):
         # -1 for the sequence: XNNPACK delegates a reshape with one inferred dimension, not a symbolic one.
         B, S = x.shape[0], x.shape[1]
-        q, k, v = self.wqkv(x) if self.wqkv is not None else (self.wq(x), self.wk(x), self.wv(x))
-        q = q.view(B, -1, self.n_heads, self.head_dim)
-        k = k.view(B, -1, self.n_kv_heads, self.head_dim)
-        v = v.view(B, -1, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin, self.rope_swap), apply_rope(k, cos, sin, self.rope_swap)
+        if self.wqkv is None:
+            q = self.wq(x).view(B, -1, self.n_heads, self.head_dim)
+            k = self.wk(x).view(B, -1, self.n_kv_heads, self.head_dim)
+            v = self.wv(x).view(B, -1, self.n_kv_heads, self.head_dim)
+            q, k = apply_rope(q, cos, sin, self.rope_swap), apply_rope(k, cos, sin, self.rope_swap)
+        else:
+            # RoPE on the fused output as a whole, then the split: XNNPACK delegates no slice of a tensor
+            # with a dynamic dimension, so splitting first would cut its partition in two, while here the
+            # split falls where q, k and v leave the partition anyway (for the cache and the attention).
+            # cos * 1 + 0 and sin * 1 are cos and sin exactly: q and k get the arithmetic they got unfused.
+            r, D = self.rope_heads, self.head_dim
+            qkv = self.wqkv(x).view(B, -1, self.n_heads + 2 * self.n_kv_heads, D)
+            cos, sin = cos.view(-1, 1, D), sin.view(-1, 1, D)  # a view, not unsqueeze: XNNPACK delegates it
+            qkv = apply_rope(qkv, cos * r + (1 - r), sin * r, self.rope_swap)
+            q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
 
         if start is None:
             y = self._attend(q, k, v, mask=None)
@@ -152,11 +173,9 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
-        self.register_module("w13", None)  # w1 and w3 as one linear, set by quant.fuse when lowering
 
     def forward(self, x):
-        gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):

@@ -118,9 +118,8 @@ def exported(name: str, checkpoint: Path, method: str, **kw) -> Path:
 
 def relowered_with_every_xnnpack_pass(done: Path, checkpoint: Path, method: str, tmp: Path, monkeypatch,
                                       **kw) -> bytes:
-    """The .pte that export `done` (a finished export directory) gives with the XNNPACK preprocess passes
-    exporter.lower leaves out because they change nothing (not the clone removal, which fused projections
-    need off). A copy of the directory is exported again, so a
+    """The .pte that export `done` (a finished export directory) gives with all of XNNPACK's preprocess
+    passes, including those exporter.lower leaves out. A copy of the directory is exported again, so a
     method's saved work (rotations, trained weights) is reused and only the lowering runs."""
     import exporter.lower
 
@@ -129,10 +128,10 @@ def relowered_with_every_xnnpack_pass(done: Path, checkpoint: Path, method: str,
 
 
 def relowered_unfused(done: Path, checkpoint: Path, method: str, tmp: Path, monkeypatch, **kw) -> Path:
-    """The .pte of export `done` lowered again without fusing wq/wk/wv and w1/w3 (quant.fuse)."""
+    """The .pte of export `done` lowered again without fusing wq/wk/wv (quant.fuse)."""
     import quant.fuse
 
-    monkeypatch.setattr(quant.fuse, "fuse_shared_input_linears", lambda model: model)
+    monkeypatch.setattr(quant.fuse, "fuse_qkv", lambda model: model)
     return _exported_again(done, checkpoint, method, tmp / "unfused", **kw)
 
 

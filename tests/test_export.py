@@ -72,7 +72,7 @@ def test_two_exports_are_byte_identical(tiny_hf, tiny_ptq_pte, tmp_path):
 
 
 def test_xnnpack_passes_left_out_change_no_byte(tiny_hf, tiny_ptq_pte, tmp_path, monkeypatch):
-    """exporter.lower leaves twelve of XNNPACK's preprocess passes out (they find nothing to change in a
+    """exporter.lower leaves thirteen of XNNPACK's preprocess passes out (they find nothing to change in a
     Llama graph); with them the .pte is the same, for ptq here and for bf16, spinquant and qlora beside their
     exports."""
     every = relowered_with_every_xnnpack_pass(tiny_ptq_pte.parent, tiny_hf, "ptq", tmp_path, monkeypatch,
@@ -87,7 +87,7 @@ def test_bf16_export_without_the_passes_is_byte_identical(tiny_hf, tmp_path, mon
 
 
 def test_fused_linears_compute_exactly_what_the_separate_ones_do(tiny_hf, tiny_ptq_pte, tmp_path, monkeypatch):
-    """wq/wk/wv and w1/w3 lower as one linear each (quant.fuse): a different file, the same logits bit for bit."""
+    """wq/wk/wv lower as one linear (quant.fuse): a different file, the same logits bit for bit."""
     unfused = relowered_unfused(tiny_ptq_pte.parent, tiny_hf, "ptq", tmp_path, monkeypatch, max_seq_len=256,
                                 eval_method=True)
     assert unfused.read_bytes() != tiny_ptq_pte.read_bytes()

@@ -175,33 +175,27 @@ def test_xnnpack_passes_left_out_change_no_byte_of_the_qlora_pte(qlora_export, t
     assert every == qlora_export.pte.read_bytes()
 
 
-def test_fusing_keeps_the_eager_model_exact_and_leaves_transformed_inputs_alone():
+def test_fusing_keeps_the_eager_model_exact():
     from quant import lora
-    from quant.fuse import FusedLinear, fuse_shared_input_linears
-    from quant.hadamard import HadamardInputLinear
+    from quant.fuse import fuse_qkv
     from quant.ptq import apply_scheme
 
-    model = small_model()
-    model.layers[1].feed_forward.w1 = HadamardInputLinear.wrap(model.layers[1].feed_forward.w1)
-    model = lora.fold_scales(apply_scheme(lora.add_lora(model)))
+    model = lora.fold_scales(apply_scheme(lora.add_lora(small_model())))
     for p in lora.lora_parameters(model):
         torch.nn.init.normal_(p, std=0.05)  # B starts at zero: give the branches something to add
+    model.layers[1].attention.wk.base = torch.nn.Linear(64, 32, bias=False)  # a float base among 4-bit ones
     tokens = torch.randint(0, 512, (1, 24))
     with torch.no_grad():
         before = model(tokens)
-        fuse_shared_input_linears(model)
+        fuse_qkv(model)
         after = model(tokens)
     assert torch.equal(before, after)
-    assert all(isinstance(layer.attention.wqkv, FusedLinear) and layer.attention.wqkv.lora_a is not None
-               for layer in model.layers)
-    assert not hasattr(model.layers[0].attention, "wq")
-    assert isinstance(model.layers[0].feed_forward.w13, FusedLinear)
-    assert model.layers[1].feed_forward.w13 is None  # w1 transforms its input, w3 does not
-    assert isinstance(model.layers[1].feed_forward.w1, lora.LoRALinear)
+    assert isinstance(model.layers[0].attention.wqkv, lora.LoRALinear) and not hasattr(model.layers[0].attention, "wq")
+    assert model.layers[1].attention.wqkv is None  # left as it was
 
 
 def test_fused_linears_with_adapters_are_exact(qlora_export, tiny_hf, wikitext_valid, tmp_path, monkeypatch):
-    """Fused wq/wk/wv and w1/w3 keep their adapters: the A projections stacked, each B on its own slice."""
+    """Fused wq/wk/wv keep their adapters: the down-projections stacked, the up-projections block-diagonal."""
     unfused = relowered_unfused(qlora_export.out_dir, tiny_hf, "qlora", tmp_path, monkeypatch, max_seq_len=256,
                                 calibration=wikitext_valid, options=EXPORT_OPTIONS)
     assert unfused.read_bytes() != qlora_export.pte.read_bytes()
