@@ -1,9 +1,11 @@
 """Prefill and decode speed of several .pte files side by side, on this host, in one run.
 
-Each round runs every file once, in an order that alternates from round to round (A B, then B A),
-so a slow spell of a shared machine falls on every file alike. A file's run at context C:
+Every round runs every file, interleaved so that a slow spell of a shared machine falls on every file
+alike: the prompts are prefilled one file after the other, then the files' decode steps alternate,
+one token each in turn (A B A B ..., and B A B A ... in the next round). A file's run at context C:
 - prefill: one forward call on a C-token prompt of WikiText-2 test text (tokens/s);
-- decode: `--gen` greedy tokens after it, one forward call each (tokens/s at C..C+gen of context).
+- decode: `--gen` greedy tokens after it, one forward call each, each timed on its own (tokens/s at
+  C..C+gen of context).
 The first round is a warm-up (XNNPACK packs its weights on the first call) and is not counted; the
 table gives the median over the other rounds [min-max] and each file's ratio to the first file.
 
@@ -42,17 +44,21 @@ def prompt_ids(pte: Path, n: int, vocab: int) -> list[int]:
     return [(7919 * i + 13) % vocab for i in range(n)]
 
 
-def run_once(pte, prompt: list[int], gen: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) of one prompt and `gen` greedy tokens after it."""
-    t0 = time.perf_counter()
-    logits = pte.forward(prompt, 0)
-    t1 = time.perf_counter()
-    pos = len(prompt)
-    for _ in range(gen):
-        logits = pte.forward([int(logits.argmax())], pos)
-        pos += 1
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), gen / (t2 - t1)
+def run_round(models: list, order: list[int], prompt: list[int], gen: int) -> list[tuple[float, float]]:
+    """(prefill tokens/s, decode tokens/s) per model of one round: the prompts one model after the other
+    in `order`, then `gen` greedy steps with the models taking turns in `order`."""
+    prefill_s, decode_s, logits = [0.0] * len(models), [0.0] * len(models), [None] * len(models)
+    for i in order:
+        t0 = time.perf_counter()
+        logits[i] = models[i].forward(prompt, 0)
+        prefill_s[i] = time.perf_counter() - t0
+    for step in range(gen):
+        for i in order:
+            token = int(logits[i].argmax())
+            t0 = time.perf_counter()
+            logits[i] = models[i].forward([token], len(prompt) + step)
+            decode_s[i] += time.perf_counter() - t0
+    return [(len(prompt) / p, gen / d) for p, d in zip(prefill_s, decode_s, strict=True)]
 
 
 def spread(xs: list[float]) -> dict:
@@ -100,15 +106,15 @@ def main(argv=None) -> int:
             order = list(range(len(models)))
             if r % 2:
                 order.reverse()
-            for i in order:
-                prefill, decode = run_once(models[i], prompt, a.gen)
+            for i, (prefill, decode) in enumerate(run_round(models, order, prompt, a.gen)):
                 if r:  # round 0 warms up
                     runs[labels[i]]["prefill"].append(prefill)
                     runs[labels[i]]["decode"].append(decode)
             print(f"context {c}: round {r}/{a.rounds} done", file=sys.stderr, flush=True)
         results[c] = {label: {k: spread(v) for k, v in runs[label].items()} for label in labels}
 
-    print(f"{len(models)} files, {a.rounds} rounds after a warm-up, {a.gen} decoded tokens, median [min-max] tokens/s")
+    print(f"{len(models)} files, {a.rounds} rounds after a warm-up, {a.gen} decoded tokens (steps alternating), "
+          "median [min-max] tokens/s")
     print(f"| context | file | prefill | decode | prefill vs {labels[0]} | decode vs {labels[0]} |")
     print("| --: | :-- | --: | --: | --: | --: |")
     for c, per in results.items():

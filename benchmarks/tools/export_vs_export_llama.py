@@ -2,7 +2,8 @@
 
 Wall time of each export (as whole processes), the two .pte sizes, and prefill/decode tokens/s of
 both files through the same runtime (ExecuTorch's pybindings on this machine, greedy, a 64-token
-prompt of real WikiText-2 text, 128 decoded tokens, median of N runs after one warm-up).
+prompt of real WikiText-2 text, 128 decoded tokens, the two files' steps alternating as in
+benchmarks.pte_speed, median of N rounds after one warm-up).
 
     python -m benchmarks.tools.export_vs_export_llama [--checkpoint smollm2-135m] [--out out/vs-export-llama]
 """
@@ -32,19 +33,22 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t0, (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
 
 
-def speed(pte_path: Path, prompt: list[int], gen: int, runs: int) -> dict:
-    from benchmarks.pte_speed import run_once
+def speeds(pte_paths: list[Path], prompt: list[int], gen: int, runs: int) -> list[dict]:
+    """Prefill and decode speed of each file, the files taking turns step by step (benchmarks.pte_speed)."""
+    from benchmarks.pte_speed import run_round
     from exporter.runtime import PteModel
 
-    pte = PteModel(pte_path)
-    prefill, decode = [], []
-    for i in range(runs + 1):
-        p, d = run_once(pte, prompt, gen)
-        if i:  # the first run warms caches and XNNPACK's weight packing
-            prefill.append(p)
-            decode.append(d)
-    return {"prefill_tok_s": round(statistics.median(prefill), 1), "decode_tok_s": round(statistics.median(decode), 1),
-            "prefill_all": [round(x, 1) for x in prefill], "decode_all": [round(x, 1) for x in decode]}
+    models = [PteModel(p) for p in pte_paths]
+    prefill, decode = [[] for _ in models], [[] for _ in models]
+    for r in range(runs + 1):
+        order = list(range(len(models)))[:: -1 if r % 2 else 1]
+        for i, (p, d) in enumerate(run_round(models, order, prompt, gen)):
+            if r:  # the first round warms caches and XNNPACK's weight packing
+                prefill[i].append(p)
+                decode[i].append(d)
+    return [{"prefill_tok_s": round(statistics.median(p), 1), "decode_tok_s": round(statistics.median(d), 1),
+             "prefill_all": [round(x, 1) for x in p], "decode_all": [round(x, 1) for x in d]}
+            for p, d in zip(prefill, decode, strict=True)]
 
 
 def prompt_tokens(tokenizer_path: Path, n: int) -> list[int]:
@@ -86,12 +90,13 @@ def main():
         # Kept so a rerun can take --export-llama-result instead of another quarter of an hour.
         write_text(a.out / "export_llama" / "peer.json", json.dumps(peer, indent=2))
     prompt = prompt_tokens(ours_dir / man["tokenizer"], 64)
+    ours_speed, peer_speed = speeds([ours_dir / "model.pte", Path(peer["pte"])], prompt, a.gen, a.runs)
     result = {
         "checkpoint": a.checkpoint, "max_seq_len": a.max_seq_len,
         "ptekit": {"export_s": round(ours_s, 1), "export_cpu_s": round(ours_cpu, 1), "bytes": (ours_dir / "model.pte").stat().st_size,
-                   "command": " ".join(ours_cmd[2:]), **speed(ours_dir / "model.pte", prompt, a.gen, a.runs)},
+                   "command": " ".join(ours_cmd[2:]), **ours_speed},
         "export_llama": {"export_s": peer["seconds"], "export_cpu_s": peer.get("cpu_seconds"), "bytes": peer["bytes"], "command": peer["command"],
-                         **speed(Path(peer["pte"]), prompt, a.gen, a.runs)},
+                         **peer_speed},
     }
     p, e = result["ptekit"], result["export_llama"]
     result["ratios"] = {"export_time_speedup": round(e["export_s"] / p["export_s"], 2),
