@@ -10,7 +10,12 @@ The first round is a warm-up (XNNPACK packs its weights on the first call) and i
 table gives the median over the other rounds [min-max] and each file's ratio to the first file.
 
     python -m benchmarks.pte_speed out/ptq/model.pte out/qlora/model.pte --labels ptq,qlora
-    python -m benchmarks.pte_speed A.pte B.pte --context 64,256,1024,2000 --gen 32 [--threads 1]
+    python -m benchmarks.pte_speed A.pte B.pte --context 64,256,1024,2000 --gen 32 [--threads 1] [--roofline]
+
+--roofline also measures this machine's copy bandwidth and sets each file's decode against the bound it
+gives (benchmarks/roofline.py): the bytes a decoded token reads, all of the file but the embedding table
+plus the fp32 KV cache up to the mean decoded position, over the bandwidth. The shape comes from the
+first file's export manifest (every file must be of that model).
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="counted rounds after the warm-up (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="ExecuTorch's thread pool size (default: the runtime's own choice)")
     ap.add_argument("--json", type=Path, default=None, help="also write every run to this file")
+    ap.add_argument("--roofline", action="store_true", help="also each file's decode as a share of the memory-bandwidth bound")
     a = ap.parse_args(argv)
 
     from exporter.errors import PtekitError
@@ -124,10 +130,43 @@ def main(argv=None) -> int:
             print(f"| {c} | {label} | {p['median']:.1f} [{p['min']:.1f}-{p['max']:.1f}] | "
                   f"{d['median']:.2f} [{d['min']:.2f}-{d['max']:.2f}] | "
                   f"{p['median'] / base['prefill']['median']:.3f}x | {d['median'] / base['decode']['median']:.3f}x |")
+    record = {"files": {lab: str(p) for lab, p in zip(labels, a.pte, strict=True)}, "gen": a.gen, "rounds": a.rounds,
+              "results": results}
+    if a.roofline:
+        record["roofline"] = roofline(a.pte, labels, results, a.gen)
     if a.json:
-        a.json.write_text(json.dumps({"files": {lab: str(p) for lab, p in zip(labels, a.pte, strict=True)},
-                                      "gen": a.gen, "rounds": a.rounds, "results": results}, indent=2))
+        a.json.write_text(json.dumps(record, indent=2))
     return 0
+
+
+def roofline(ptes: list[Path], labels: list[str], results: dict, gen: int) -> dict:
+    """Prints and returns each file's decode against the memory-bandwidth bound, per context."""
+    from benchmarks import sizes
+    from benchmarks.roofline import bytes_per_token, entry, measure_bandwidth
+    from exporter.config import ModelConfig
+    from exporter.manifest import read_manifest
+    from exporter.memory import kv_cache_bytes
+
+    man = read_manifest(ptes[0].parent)
+    if not man or "model" not in man:
+        raise SystemExit(f"--roofline: {ptes[0].parent} has no export manifest to read the model's shape from")
+    shape = {k: v for k, v in man["model"].items() if k != "parameters"}
+    cfg = ModelConfig.from_dict(shape)
+    bw = measure_bandwidth()
+    print(f"\nroofline: {bw['gb_per_s']} GB/s ({bw['method']}, {bw['threads']} threads)")
+    print("| context | file | MB read per token | bound (tok/s) | decode (tok/s) | share of the bound |")
+    print("| --: | :-- | --: | --: | --: | --: |")
+    out = {"bandwidth": bw, "rows": []}
+    for c, per in results.items():
+        for label, pte in zip(labels, ptes, strict=True):
+            method = (read_manifest(pte.parent) or {}).get("method", "ptq")
+            bpt = bytes_per_token(pte.stat().st_size, sizes.embedding_bytes(cfg, method), kv_cache_bytes(cfg, 1, 4),
+                                  c + gen / 2)
+            e = {"context": c, "file": label, **entry(label, per[label]["decode"]["median"], bpt, bw["bytes_per_s"])}
+            out["rows"].append(e)
+            print(f"| {c} | {label} | {bpt / 1e6:.1f} | {e['bound_tok_s']:.1f} | {e['decode_tok_s']:.2f} | "
+                  f"{100 * e['share_of_bound']:.0f}% |")
+    return out
 
 
 if __name__ == "__main__":
