@@ -69,8 +69,9 @@ def fused(members: list[nn.Module]) -> nn.Module | None:
     if base is None or down is None:
         return None
     up = torch.block_diag(*[m.lora_b.weight.detach() for m in members])
-    out = LoRALinear(_linear(base), base.shape[1], base.shape[0], up.shape[1], scale=1.0)
-    out.lora_a, out.lora_b = _linear(down), _linear(up)
+    with torch.device("meta"):  # on meta, the adapters' random initialisation draws nothing from the RNG
+        out = LoRALinear(nn.Identity(), base.shape[1], base.shape[0], up.shape[1], scale=1.0)
+    out.base, out.lora_a, out.lora_b = _linear(base), _linear(down), _linear(up)
     return out
 
 
