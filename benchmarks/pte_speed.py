@@ -66,6 +66,20 @@ def run_round(models: list, order: list[int], prompt: list[int], gen: int) -> li
     return [(len(prompt) / p, gen / d) for p, d in zip(prefill_s, decode_s, strict=True)]
 
 
+def measure(models: list, prompt: list[int], gen: int, rounds: int, on_round=lambda r: None) -> list[dict]:
+    """Per model, {"prefill": [...], "decode": [...]} tokens/s over `rounds` rounds after a warm-up round,
+    the order of the models reversed from one round to the next."""
+    runs = [{"prefill": [], "decode": []} for _ in models]
+    for r in range(rounds + 1):
+        order = list(range(len(models)))[:: -1 if r % 2 else 1]
+        for i, (prefill, decode) in enumerate(run_round(models, order, prompt, gen)):
+            if r:  # round 0 warms up (XNNPACK packs its weights on the first call)
+                runs[i]["prefill"].append(prefill)
+                runs[i]["decode"].append(decode)
+        on_round(r)
+    return runs
+
+
 def spread(xs: list[float]) -> dict:
     return {"median": round(statistics.median(xs), 2), "min": round(min(xs), 2), "max": round(max(xs), 2),
             "all": [round(x, 2) for x in xs]}
@@ -107,17 +121,9 @@ def main(argv=None) -> int:
     results = {}
     for c in contexts:
         prompt = prompt_ids(a.pte[0], c, vocab)
-        runs = {label: {"prefill": [], "decode": []} for label in labels}
-        for r in range(a.rounds + 1):
-            order = list(range(len(models)))
-            if r % 2:
-                order.reverse()
-            for i, (prefill, decode) in enumerate(run_round(models, order, prompt, a.gen)):
-                if r:  # round 0 warms up
-                    runs[labels[i]]["prefill"].append(prefill)
-                    runs[labels[i]]["decode"].append(decode)
-            print(f"context {c}: round {r}/{a.rounds} done", file=sys.stderr, flush=True)
-        results[c] = {label: {k: spread(v) for k, v in runs[label].items()} for label in labels}
+        runs = measure(models, prompt, a.gen, a.rounds,
+                       lambda r, c=c: print(f"context {c}: round {r}/{a.rounds} done", file=sys.stderr, flush=True))
+        results[c] = {label: {k: spread(v) for k, v in run.items()} for label, run in zip(labels, runs, strict=True)}
 
     print(f"{len(models)} files, {a.rounds} rounds after a warm-up, {a.gen} decoded tokens (steps alternating), "
           "median [min-max] tokens/s")

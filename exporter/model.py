@@ -58,10 +58,8 @@ def pair_swap(d: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D]; cos, sin: [S, D] (rope_frequencies) or [S, H, D] (per head); swap: pair_swap(D)."""
+    """x: [B, S, H, D]; cos, sin: [S, 1, D] (rope_frequencies, viewed) or [S, H, D] (per head); swap: pair_swap(D)."""
     B, H, D = x.shape[0], x.shape[2], x.shape[3]
-    if cos.dim() == 2:
-        cos, sin = cos.view(-1, 1, D), sin.view(-1, 1, D)
     # Reshapes infer the sequence length (-1): XNNPACK delegates those, not symbolic ones.
     swapped = F.linear(x.reshape(B, -1, D), swap.to(x.dtype)).view(B, -1, H, D)
     out = x * cos + swapped * sin
@@ -115,7 +113,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, start: int | None = None):
         # -1 for the sequence: XNNPACK delegates a reshape with one inferred dimension, not a symbolic one.
-        B, S = x.shape[0], x.shape[1]
+        B, S, D = x.shape[0], x.shape[1], self.head_dim
+        cos, sin = cos.view(-1, 1, D), sin.view(-1, 1, D)  # a view, not unsqueeze: XNNPACK delegates it
         if self.wqkv is None:
             q = self.wq(x).view(B, -1, self.n_heads, self.head_dim)
             k = self.wk(x).view(B, -1, self.n_kv_heads, self.head_dim)
@@ -126,9 +125,8 @@ class Attention(nn.Module):
             # with a dynamic dimension, so splitting first would cut its partition in two, while here the
             # split falls where q, k and v leave the partition anyway (for the cache and the attention).
             # cos * 1 + 0 and sin * 1 are cos and sin exactly: q and k get the arithmetic they got unfused.
-            r, D = self.rope_heads, self.head_dim
+            r = self.rope_heads
             qkv = self.wqkv(x).view(B, -1, self.n_heads + 2 * self.n_kv_heads, D)
-            cos, sin = cos.view(-1, 1, D), sin.view(-1, 1, D)  # a view, not unsqueeze: XNNPACK delegates it
             qkv = apply_rope(qkv, cos * r + (1 - r), sin * r, self.rope_swap)
             q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
 

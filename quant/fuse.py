@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quant import scheme
+from quant.gptq import int4_weight
 from quant.lora import LoRALinear
 
 
@@ -25,23 +27,12 @@ def _stacked(weights: list[torch.Tensor]) -> torch.Tensor | None:
     """The weights stacked along the output dimension, or None when they cannot stack exactly."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
-    first = weights[0]
     if all(type(w) in (torch.Tensor, nn.Parameter) for w in weights):
         return torch.cat([w.detach() for w in weights]) if len({(w.dtype, w.shape[1]) for w in weights}) == 1 else None
-    if not all(isinstance(w, IntxUnpackedToInt8Tensor) for w in weights):
-        return None
-    same = {(w.target_dtype, tuple(w.block_size), w.dtype, w.activation_quantization, w.shape[1]) for w in weights}
-    if len(same) != 1 or first.block_size[0] != 1:
-        return None
-    return IntxUnpackedToInt8Tensor(
-        qdata=torch.cat([w.qdata for w in weights]),
-        scale=torch.cat([w.scale for w in weights]),
-        zero_point=torch.cat([w.zero_point for w in weights]),
-        target_dtype=first.target_dtype,
-        block_size=tuple(first.block_size),
-        dtype=first.dtype,
-        activation_quantization=first.activation_quantization,
-    )
+    # The scheme's block weights (quant.scheme.block_linear_config): symmetric int4 in groups along the input.
+    if all(isinstance(w, IntxUnpackedToInt8Tensor) and tuple(w.block_size) == (1, scheme.GROUP_SIZE) for w in weights):
+        return int4_weight(torch.cat([w.qdata for w in weights]), torch.cat([w.scale for w in weights]))
+    return None
 
 
 def _plain(m: nn.Module) -> bool:

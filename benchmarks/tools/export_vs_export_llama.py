@@ -35,20 +35,12 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 def speeds(pte_paths: list[Path], prompt: list[int], gen: int, runs: int) -> list[dict]:
     """Prefill and decode speed of each file, the files taking turns step by step (benchmarks.pte_speed)."""
-    from benchmarks.pte_speed import run_round
+    from benchmarks.pte_speed import measure
     from exporter.runtime import PteModel
 
-    models = [PteModel(p) for p in pte_paths]
-    prefill, decode = [[] for _ in models], [[] for _ in models]
-    for r in range(runs + 1):
-        order = list(range(len(models)))[:: -1 if r % 2 else 1]
-        for i, (p, d) in enumerate(run_round(models, order, prompt, gen)):
-            if r:  # the first round warms caches and XNNPACK's weight packing
-                prefill[i].append(p)
-                decode[i].append(d)
-    return [{"prefill_tok_s": round(statistics.median(p), 1), "decode_tok_s": round(statistics.median(d), 1),
-             "prefill_all": [round(x, 1) for x in p], "decode_all": [round(x, 1) for x in d]}
-            for p, d in zip(prefill, decode, strict=True)]
+    return [{"prefill_tok_s": round(statistics.median(r["prefill"]), 1), "decode_tok_s": round(statistics.median(r["decode"]), 1),
+             "prefill_all": [round(x, 1) for x in r["prefill"]], "decode_all": [round(x, 1) for x in r["decode"]]}
+            for r in measure([PteModel(p) for p in pte_paths], prompt, gen, runs)]
 
 
 def prompt_tokens(tokenizer_path: Path, n: int) -> list[int]:
