@@ -15,6 +15,7 @@ Two ways to call it:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,33 @@ def pair_swap(d: int) -> torch.Tensor:
     return p
 
 
+class RopeTables(NamedTuple):
+    """RoPE's tables for the positions of one forward, in the shapes the attention layers use them in.
+
+    Built once per forward (rope_tables), not in every layer: in the .pte each operator costs time on
+    every decoded token however small its tensors, and 30 layers would repeat the same few.
+    """
+
+    cos: torch.Tensor  # [S, 1, D]: the same for every head
+    sin: torch.Tensor
+    qkv_cos: torch.Tensor | None = None  # [S, H + 2 * Hkv, D] for a fused q/k/v output (Attention.use_fused_qkv)
+    qkv_sin: torch.Tensor | None = None
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, qkv_heads: torch.Tensor | None = None) -> RopeTables:
+    """cos, sin: rows of rope_frequencies ([S, D]); qkv_heads: [H + 2 * Hkv, 1], 1 for q's and k's heads and
+    0 for v's (Transformer.rope_qkv_heads), or None when no layer's projections are fused."""
+    D = cos.shape[-1]
+    cos, sin = cos.view(-1, 1, D), sin.view(-1, 1, D)  # a view, not unsqueeze: XNNPACK delegates it
+    if qkv_heads is None:
+        return RopeTables(cos, sin)
+    # v's heads get cos 1 and sin 0, which leaves them as they are; cos * 1 + 0 and sin * 1 are cos and
+    # sin exactly, so q and k get the arithmetic they get unfused.
+    return RopeTables(cos, sin, cos * qkv_heads + (1 - qkv_heads), sin * qkv_heads)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D]; cos, sin: [S, 1, D] (rope_frequencies, viewed) or [S, H, D] (per head); swap: pair_swap(D)."""
+    """x: [B, S, H, D]; cos, sin: [S, 1, D] or [S, H, D] (RopeTables); swap: pair_swap(D)."""
     B, H, D = x.shape[0], x.shape[2], x.shape[3]
     # Reshapes infer the sequence length (-1): XNNPACK delegates those, not symbolic ones.
     swapped = F.linear(x.reshape(B, -1, D), swap.to(x.dtype)).view(B, -1, H, D)
@@ -71,15 +97,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("ones", None, persistent=False)  # [1, dim]; Transformer.init_constants shares one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:  # bf16 models normalize in fp32, as Meta's code does
             return self.forward(x.float()).to(x.dtype)
-        # The mean over a trailing [D, 1] pair of dims: XNNPACK delegates a mean only as 4D global
-        # pooling, and a mean left outside it would split every layer's graph at each norm.
-        B, D = x.shape[0], x.shape[-1]
-        ms = x.pow(2).view(B, -1, D, 1).mean((2, 3), keepdim=True).view(B, -1, 1)
-        return x * torch.rsqrt(ms + self.eps) * self.weight
+        # The sum of squares as a linear with one output. XNNPACK delegates a mean only as 4D global
+        # pooling, which it wraps in two transposes and two reshapes, and each operator in the .pte costs
+        # time on every decoded token however small its tensor. Ones are exact in a bf16 model too.
+        ms = F.linear(x.pow(2), self.ones.float()) * (1.0 / x.shape[-1]) + self.eps
+        return x * torch.rsqrt(ms) * self.weight
 
 
 class Attention(nn.Module):
@@ -92,7 +119,6 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         # wq/wk/wv as one linear, set by use_fused_qkv (quant.fuse, when lowering).
         self.register_module("wqkv", None)
-        self.register_buffer("rope_heads", None, persistent=False)
         self.use_executorch_ops = False
         self.register_buffer("rope_swap", None, persistent=False)  # Transformer.init_constants shares one
         self.register_buffer("k_cache", None, persistent=False)
@@ -107,27 +133,22 @@ class Attention(nn.Module):
         """Replaces wq, wk and wv by one module whose output is [q | k | v] (quant.fuse builds it)."""
         self.wqkv = wqkv
         del self.wq, self.wk, self.wv
-        heads = torch.ones(self.n_heads + 2 * self.n_kv_heads, 1)
-        heads[self.n_heads + self.n_kv_heads :] = 0  # v's heads: cos 1 and sin 0, RoPE passes them through
-        self.rope_heads = heads
 
-    def forward(self, x, cos, sin, start: int | None = None):
+    def forward(self, x, rope: RopeTables, start: int | None = None):
         # -1 for the sequence: XNNPACK delegates a reshape with one inferred dimension, not a symbolic one.
         B, S, D = x.shape[0], x.shape[1], self.head_dim
-        cos, sin = cos.view(-1, 1, D), sin.view(-1, 1, D)  # a view, not unsqueeze: XNNPACK delegates it
         if self.wqkv is None:
-            q = self.wq(x).view(B, -1, self.n_heads, self.head_dim)
-            k = self.wk(x).view(B, -1, self.n_kv_heads, self.head_dim)
-            v = self.wv(x).view(B, -1, self.n_kv_heads, self.head_dim)
-            q, k = apply_rope(q, cos, sin, self.rope_swap), apply_rope(k, cos, sin, self.rope_swap)
+            q = self.wq(x).view(B, -1, self.n_heads, D)
+            k = self.wk(x).view(B, -1, self.n_kv_heads, D)
+            v = self.wv(x).view(B, -1, self.n_kv_heads, D)
+            q, k = apply_rope(q, rope.cos, rope.sin, self.rope_swap), apply_rope(k, rope.cos, rope.sin, self.rope_swap)
         else:
-            # RoPE on the fused output as a whole, then the split: XNNPACK delegates no slice of a tensor
-            # with a dynamic dimension, so splitting first would cut its partition in two, while here the
-            # split falls where q, k and v leave the partition anyway (for the cache and the attention).
-            # cos * 1 + 0 and sin * 1 are cos and sin exactly: q and k get the arithmetic they got unfused.
-            r = self.rope_heads
+            # RoPE on the fused output as a whole (per-head tables that pass v's heads through), then the
+            # split: XNNPACK delegates no slice of a tensor with a dynamic dimension, so splitting first
+            # would cut its partition in two, while here the split falls where q, k and v leave the
+            # partition anyway (for the cache and the attention).
             qkv = self.wqkv(x).view(B, -1, self.n_heads + 2 * self.n_kv_heads, D)
-            qkv = apply_rope(qkv, cos * r + (1 - r), sin * r, self.rope_swap)
+            qkv = apply_rope(qkv, rope.qkv_cos, rope.qkv_sin, self.rope_swap)
             q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
 
         if start is None:
@@ -184,8 +205,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, start=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start)
+    def forward(self, x, rope: RopeTables, start=None):
+        h = x + self.attention(self.attention_norm(x), rope, start)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -201,17 +222,32 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("freqs_cos", None, persistent=False)
         self.register_buffer("freqs_sin", None, persistent=False)
+        self.register_buffer("rope_qkv_heads", None, persistent=False)  # rope_tables' qkv_heads
         self.init_constants()
         # The .pte returns only the last position's logits (what a runner samples from);
         # evaluation and training want every position.
         self.last_logits_only = False
 
     def init_constants(self):
-        """(Re)builds the buffers that are computed, not loaded: RoPE tables and the pair swap."""
-        self.freqs_cos, self.freqs_sin = rope_frequencies(self.config)
-        swap = pair_swap(self.config.head_dim)  # one tensor for all layers: one constant in the .pte
+        """(Re)builds the buffers that are computed, not loaded: RoPE tables, the pair swap, the norms' ones."""
+        cfg = self.config
+        self.freqs_cos, self.freqs_sin = rope_frequencies(cfg)
+        heads = torch.ones(cfg.n_heads + 2 * cfg.n_kv_heads, 1)
+        heads[cfg.n_heads + cfg.n_kv_heads :] = 0  # v's heads, in a fused [q | k | v] output
+        self.rope_qkv_heads = heads
+        # One tensor for all layers: one constant in the .pte.
+        swap, ones = pair_swap(cfg.head_dim), torch.ones(1, cfg.dim)
         for layer in self.layers:
             layer.attention.rope_swap = swap
+        for norm in self.modules():
+            if isinstance(norm, RMSNorm):
+                norm.ones = ones
+
+    def rope(self, start: int, length: int) -> RopeTables:
+        """RoPE's tables for positions start .. start + length, as the layers take them."""
+        fused = any(layer.attention.wqkv is not None for layer in self.layers)
+        return rope_tables(self.freqs_cos.narrow(0, start, length), self.freqs_sin.narrow(0, start, length),
+                           self.rope_qkv_heads if fused else None)
 
     def setup_caches(self, dtype: torch.dtype = torch.float32):
         for layer in self.layers:
@@ -221,18 +257,17 @@ class Transformer(nn.Module):
         S = tokens.shape[1]
         start = None
         if input_pos is None:
-            cos, sin = self.freqs_cos[:S], self.freqs_sin[:S]
+            rope = self.rope(0, S)
         else:
             # One read of the position for the whole network: under export it becomes a single
             # symbolic integer that every layer shares.
             start = input_pos[0].item()
             torch._check(start >= 0)
             torch._check(start + S <= self.config.max_seq_len)
-            cos = self.freqs_cos.narrow(0, start, S)
-            sin = self.freqs_sin.narrow(0, start, S)
+            rope = self.rope(start, S)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, start)
+            h = layer(h, rope, start)
         h = self.norm(h)
         if self.last_logits_only:
             h = h[:, -1:, :]

@@ -220,7 +220,7 @@ def gptq_model(model: nn.Module, tokens: torch.Tensor, opts: GPTQOptions, device
     emb = Int8Embedding.from_float(model.tok_embeddings)
     hs = [emb(t.to(device)).float() for t in tokens.split(micro_batch)]
     S = tokens.shape[1]
-    cos, sin = model.freqs_cos[:S].to(device), model.freqs_sin[:S].to(device)
+    rope = model.rope(0, S)
     stages = [[g] for g in _GROUPS] if opts.true_sequential else [list(_GROUPS)]
     result = {}
     bar = progress_bar(total=cfg.n_layers * len(_GROUPS), desc="GPTQ", unit="group", disable=not progress)
@@ -238,7 +238,7 @@ def gptq_model(model: nn.Module, tokens: torch.Tensor, opts: GPTQOptions, device
             try:
                 for h in hs:
                     try:
-                        layer(h, cos, sin)
+                        layer(h, rope)
                     except _Stop:
                         pass
             finally:
@@ -251,7 +251,7 @@ def gptq_model(model: nn.Module, tokens: torch.Tensor, opts: GPTQOptions, device
                     lin.weight.data = dequantize(q, s).to(lin.weight.dtype)
                     result[f"layers.{i}.{name}"] = (q.cpu(), s.cpu())
                 bar.update(1)
-        hs = [layer(h, cos, sin) for h in hs]
+        hs = [layer(h, rope) for h in hs]
     bar.close()
     model.to("cpu")
     return result

@@ -47,6 +47,7 @@ from exporter.atomic import atomic_dir, atomic_path
 from exporter.errors import PtekitError
 from exporter.manifest import update_with_file
 from exporter.memory import RUNTIME_FLOOR, Need
+from exporter.model import rope_tables
 from exporter.progress import bar as progress_bar
 from quant import data, fake_quant, rotation, sft_data
 from quant.cayley import CayleySGD
@@ -189,13 +190,13 @@ class QuantizedLoss:
             self.blocks.append(block.to(device))
         self.cos, self.sin = model.freqs_cos.to(device), model.freqs_sin.to(device)
 
-    def _block(self, i, h, r1, r2, cos, sin):
+    def _block(self, i, h, r1, r2, rope):
         c = self.cfg
         w = rotation.rotate_layer(self.base[i], r1, r2, c.n_heads, c.n_kv_heads, c.head_dim)
         block = self.blocks[i]
         for name, t in w.items():
             block.get_submodule(name).w = t
-        out = block(h, cos, sin)
+        out = block(h, rope)
         for name in w:
             block.get_submodule(name).w = None
         return out
@@ -207,13 +208,13 @@ class QuantizedLoss:
     def _loss(self, tokens: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device)
         S = tokens.shape[1]
-        cos, sin = self.cos[:S], self.sin[:S]
+        rope = rope_tables(self.cos[:S], self.sin[:S])
         h = fake_quant.embedding_rows(self.emb[tokens] @ r1)
         for i in range(len(self.blocks)):
             if self.checkpoint_layers and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(self._block, i, h, r1, r2[i], cos, sin, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(self._block, i, h, r1, r2[i], rope, use_reentrant=False)
             else:
-                h = self._block(i, h, r1, r2[i], cos, sin)
+                h = self._block(i, h, r1, r2[i], rope)
         h = self.norm(h)
         logits = F.linear(fake_quant.act(h) @ r1.t(), self.out)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())

@@ -197,9 +197,9 @@ def test_recomputed_blocks_and_chunked_distillation_keep_the_gradients_and_drop_
         with torch.enable_grad(), recomputed_blocks(model, recompute):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 h = model.tok_embeddings(inp)
-                cos, sin = model.freqs_cos[:inp.shape[1]], model.freqs_sin[:inp.shape[1]]
+                rope = model.rope(0, inp.shape[1])
                 for layer in model.layers:
-                    h = layer(h, cos, sin)
+                    h = layer(h, rope)
                 phase = "loss"
                 logits = model.output(model.norm(h)).float()
                 if recompute:
