@@ -139,6 +139,7 @@ def test_decode_profile_sums_the_runtimes_own_events(tiny_ptq_pte):
     assert ms["DELEGATE_CALL"] + ms.get("OPERATOR_CALL", 0) <= ms["Method::execute"] * 1.01
     assert r["ms_outside_operators"] >= -0.01 * ms["Method::execute"]
     assert r["decode_tok_s_wall"] > 0
+    assert r["xnnpack_operators_per_token"] > 0  # the delegate's operators, counted from their events
 
 
 def test_rss_stages_split_the_runners_memory(tiny_ptq_pte):

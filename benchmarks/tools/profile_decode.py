@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 EXECUTE = "Method::execute"
+XNNPACK_OP = re.compile(r"^[A-Z][^:]* \(.*\)")  # "Fully Connected (NC, F32) GEMM", "Add (ND)"; not "llama::..."
 
 
 class Traced:
@@ -42,8 +43,9 @@ class Traced:
             self.step_s.append(time.perf_counter() - t0)
         return int(logits.argmax())
 
-    def events(self, skip_first: int) -> dict:
-        """Event name -> total ms over the executions after the first `skip_first` (the prefill)."""
+    def events(self, skip_first: int) -> tuple[dict, int]:
+        """Event name -> total ms over the executions after the first `skip_first` (the prefill), and how
+        many XNNPACK operators one execution runs (each is one event, its times one per execution)."""
         from executorch.devtools import Inspector
 
         with tempfile.TemporaryDirectory() as d:
@@ -51,12 +53,15 @@ class Traced:
             self.pte.write_etdump(dump)
             inspector = Inspector(etdump_path=str(dump))
         totals: dict[str, float] = defaultdict(float)
+        xnnpack_ops = 0
         for block in inspector.event_blocks:
             for ev in block.events:
+                name = re.sub(r" #\d+$", "", ev.name)  # XNNPACK numbers each operator; sum by kind
+                xnnpack_ops += XNNPACK_OP.match(name) is not None
                 times = list(ev.perf_data.raw) if ev.perf_data is not None else []
                 for ms in times[skip_first:]:
-                    totals[re.sub(r" #\d+$", "", ev.name)] += ms  # XNNPACK numbers each operator; sum by kind
-        return dict(totals)
+                    totals[name] += ms
+        return dict(totals), xnnpack_ops
 
 
 def profile(paths: list[Path], prompt_len: int, steps: int) -> list[dict]:
@@ -68,13 +73,14 @@ def profile(paths: list[Path], prompt_len: int, steps: int) -> list[dict]:
             nxt[i] = r.forward([nxt[i]], prompt_len + step, timed=True)
     out = []
     for r in runs:
-        totals = r.events(skip_first=1)
+        totals, xnnpack_ops = r.events(skip_first=1)
         per_token = {k: round(v / steps, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
         execute = per_token.get(EXECUTE)
         # The delegate's own operators nest inside DELEGATE_CALL; these two are the method's top level.
         inside = per_token.get("DELEGATE_CALL", 0) + per_token.get("OPERATOR_CALL", 0)
         out.append({"pte": str(r.path), "bytes": r.path.stat().st_size, "steps": steps, "prompt_len": prompt_len,
                     "decode_tok_s_wall": round(1 / statistics.median(r.step_s), 2),
+                    "xnnpack_operators_per_token": xnnpack_ops,
                     "ms_per_token": per_token,
                     "ms_outside_operators": round(execute - inside, 3) if execute is not None else None})
     return out
@@ -91,6 +97,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {n} | " + " | ".join(f"{r['ms_per_token'].get(n, 0):.3f}" for r in results) + " |")
     lines.append("| outside any operator (the method's own work) | " + " | ".join(
         f"{r['ms_outside_operators']:.3f}" if r["ms_outside_operators"] is not None else "n/a" for r in results) + " |")
+    lines.append("| XNNPACK operators run per decoded token | " + " | ".join(
+        str(r["xnnpack_operators_per_token"]) for r in results) + " |")
     lines.append("| decode tok/s (wall, median step) | " + " | ".join(f"{r['decode_tok_s_wall']:.1f}" for r in results)
                  + " |")
     return "\n".join(lines)
