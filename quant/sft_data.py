@@ -197,7 +197,7 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
     out: list[Example] = []
     was_training = model.training
     model.eval()
-    bar = progress_bar(total=n_sequences * length, desc="generating training text", unit="tok", disable=not progress,
+    bar = progress_bar(total=n_sequences * (length - 1), desc="generating training text", unit="tok", disable=not progress,
                dynamic_ncols=True)
     try:
         for first in range(0, n_sequences, batch):
