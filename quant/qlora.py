@@ -20,7 +20,9 @@ weights instead of the checkpoint's: random Hadamard R1/R2 merged, R4 online, GP
 windows (quant.spinquant.hadamard_gptq), and QAT keeps GPTQ's group scales (quant.qat). On
 SmolLM2-135M, 20 distillation QAT steps + 5 LoRA steps from this start end at KL 0.136 (WikiText-2)
 and 0.103 (Python docs) from BF16, against 0.226 and 0.198 from the checkpoint's own weights
-(rotation=none; docs/qlora.md).
+(rotation=none; docs/qlora.md). rotation=learned learns R1/R2 first, as spinquant does (Cayley SGD,
+its preset for the device), on the training windows: on the model's own text that next-token loss is
+the KL to the model plus a constant.
 3. DPO (off unless preference data is given): backbone and adapters together (quant.dpo).
 
 Then the fake quantizers come off and quant.ptq.apply_scheme quantizes the trained base
@@ -86,9 +88,11 @@ class QLoRASettings:
     warmup_steps: int = 10
     ce_weight: float | None = None  # None: 0 (distillation only) without --data, 1 with it
     kd_weight: float = 1.0  # distillation from the BF16 model's logits; 0 turns it off
-    rotation: str = "hadamard"  # hadamard: start from random Hadamard rotations + GPTQ; none: from the checkpoint
-    gptq_samples: int = 64  # rotation=hadamard: training windows GPTQ calibrates on
-    gptq_scale_search: bool = False  # rotation=hadamard: GPTQ's group scales by quant.gptq.searched_group_scales
+    # hadamard: start from random Hadamard rotations + GPTQ; learned: from rotations learned as spinquant
+    # learns them, on the training windows, + GPTQ; none: from the checkpoint
+    rotation: str = "hadamard"
+    gptq_samples: int = 64  # rotation=hadamard|learned: training windows GPTQ calibrates on
+    gptq_scale_search: bool = False  # rotation=hadamard|learned: GPTQ's group scales by quant.gptq.searched_group_scales
     checkpoint_every: int = 50
     autocast: bool | None = None
     recompute_activations: bool = True  # recompute each block's activations in the backward: less memory
@@ -115,8 +119,8 @@ class QLoRASettings:
             raise PtekitError(f"qlora: qat_steps and lora_steps must be 0 or more (got {s.qat_steps}, {s.lora_steps})")
         if s.optimizer_state not in ("fp32", "bf16"):
             raise PtekitError(f"qlora: option optimizer_state={s.optimizer_state!r}; choose fp32 or bf16")
-        if s.rotation not in ("none", "hadamard"):
-            raise PtekitError(f"qlora: option rotation={s.rotation!r}; choose none or hadamard")
+        if s.rotation not in ("none", "hadamard", "learned"):
+            raise PtekitError(f"qlora: option rotation={s.rotation!r}; choose none, hadamard or learned")
         if s.qat_steps == 0 and s.lora_steps == 0:
             raise PtekitError("qlora: qat_steps=0 and lora_steps=0 train nothing; use --method ptq for round to nearest")
         return s
@@ -290,12 +294,18 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     teacher.to(device)
 
     scales = None
-    if s.rotation == "hadamard":
-        from quant.spinquant import hadamard_gptq
+    if s.rotation != "none":
+        from quant.spinquant import hadamard_gptq, learned_gptq
 
-        # Deterministic (seed, windows), so a resumed run rebuilds the same start before loading its state.
-        gptq = hadamard_gptq(model, windows.tokens[: s.gptq_samples, :seq_len], inputs.seed, str(device),
-                             progress=s.progress, scale_search=s.gptq_scale_search)
+        # Deterministic (seed, windows, the saved rotations), so a resumed run rebuilds the same start
+        # before loading its state.
+        if s.rotation == "hadamard":
+            gptq = hadamard_gptq(model, windows.tokens[: s.gptq_samples, :seq_len], inputs.seed, str(device),
+                                 progress=s.progress, scale_search=s.gptq_scale_search)
+        else:
+            gptq = learned_gptq(model, windows.tokens[:, :seq_len], s.gptq_samples, work / "rotations",
+                                _hash(fp_start, "rotations"), inputs.seed, str(device), progress=s.progress,
+                                scale_search=s.gptq_scale_search)
         scales = {name: scale for name, (_, scale) in gptq.items()}
     qat.prepare(model, scales)
     cfg = dict(rounds)["qat"]

@@ -397,6 +397,24 @@ def hadamard_gptq(model: nn.Module, tokens: torch.Tensor, seed: int, device: str
     return gptq_model(model, tokens, s.gptq_options(), device, progress=progress)
 
 
+def learned_gptq(model: nn.Module, tokens: torch.Tensor, gptq_samples: int, work_dir: Path, fingerprint: str,
+                 seed: int, device: str = "cpu", progress: bool = True,
+                 scale_search: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`-O rotation=learned` on a float model, in place: as hadamard_gptq, with R1/R2 learned first by
+    this method's Cayley SGD (its preset for `device`) on the windows `tokens`, and GPTQ on the first
+    `gptq_samples` of them. The optimization's state is kept under work_dir (resumable; a state of
+    another `fingerprint` is an error). On text the model wrote itself, the next-token loss the
+    rotations learn is, in expectation, the KL to the model plus its own entropy (a constant): the
+    rotations are fit to the model, not to a domain."""
+    base = PRESETS["paper" if device.startswith("cuda") else "cpu"]
+    s = dataclasses.replace(base, seed=seed, scale_search=scale_search, bf16=native_bf16(device))
+    _prepare(model, s)
+    r1, r2, _ = learn_rotations(model, tokens[:, : s.train_seq_len], s, work_dir, fingerprint, device,
+                                progress=progress)
+    rotation.apply_rotations(model, r1, r2)
+    return gptq_model(model, tokens[:gptq_samples], s.gptq_options(), device, progress=progress)
+
+
 def rotated_structure(model: nn.Module) -> None:
     """The layout hadamard_gptq leaves (norms folded, R4 modules in), for loading its weights into."""
     _prepare(model, Settings(rotation="hadamard"))

@@ -506,8 +506,63 @@ def test_without_data_it_distills_on_the_models_own_text_and_with_data_it_fine_t
     assert (tuned.ce_weight, tuned.kd_weight) == (1.0, 1.0)
     forced = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"ce_weight": "0"}))
     assert forced.train_config(5, 1e-4, 0, user_data=True).ce_weight == 0.0
-    with pytest.raises(PtekitError, match="rotation='learned'; choose none or hadamard"):
-        QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"rotation": "learned"}))
+    with pytest.raises(PtekitError, match="rotation='random'; choose none, hadamard or learned"):
+        QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"rotation": "random"}))
+
+
+def _short_rotation_preset(monkeypatch):
+    import dataclasses
+
+    from quant import spinquant
+
+    monkeypatch.setitem(spinquant.PRESETS, "cpu", dataclasses.replace(
+        spinquant.PRESETS["cpu"], iterations=3, train_batch=2, init_probe=1, bf16=False))
+
+
+def test_learned_start_learns_rotations_on_the_windows_and_a_rerun_rebuilds_the_same_start(tmp_path, monkeypatch):
+    """rotation=learned: R1/R2 learned by spinquant's Cayley SGD on the given windows and saved, then
+    GPTQ. A second call finds the finished optimization and rebuilds the very same start (what a
+    resumed qlora run needs); the state of another run is an error."""
+    import copy
+
+    from quant import spinquant
+
+    _short_rotation_preset(monkeypatch)
+    model = small_model(vocab=512)
+    tokens = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    first, again, hadamard = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    learned = spinquant.learned_gptq(first, tokens, 4, tmp_path, "fp-a", seed=0, progress=False)
+    assert (tmp_path / spinquant.STATE).exists()
+    random = spinquant.hadamard_gptq(hadamard, tokens[:4], seed=0, progress=False)
+    assert learned.keys() == random.keys()
+    assert any(not torch.equal(learned[n][0], random[n][0]) for n in learned)  # the rotations moved
+    rebuilt = spinquant.learned_gptq(again, tokens, 4, tmp_path, "fp-a", seed=0, progress=False)
+    for name, (q, scale) in learned.items():
+        assert torch.equal(rebuilt[name][0], q) and torch.equal(rebuilt[name][1], scale), name
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(PtekitError):
+        spinquant.learned_gptq(copy.deepcopy(model), tokens, 4, tmp_path, "fp-b", seed=0, progress=False)
+
+
+def test_qlora_from_learned_rotations_saves_a_model_that_loads_as_trained(tiny_hf, wikitext_valid, tmp_path,
+                                                                          monkeypatch):
+    import quant.qlora as qlora
+    from exporter.checkpoint import load_checkpoint
+    from exporter.tokenizer import Tokenizer
+    from quant.method import MethodInputs
+
+    _short_rotation_preset(monkeypatch)
+    ckpt = load_checkpoint(tiny_hf)
+    inputs = MethodInputs(work_dir=tmp_path, tokenizer=Tokenizer(ckpt.tokenizer_path), calibration=wikitext_valid,
+                          options={**EXPORT_OPTIONS, "qat_steps": 1, "lora_steps": 0, "rotation": "learned",
+                                   "gptq_samples": 4})
+    tokens = torch.randint(0, ckpt.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    trained = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)
+    assert (tmp_path / "rotations" / "rotation_state.pt").exists()
+    reloaded = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)  # from work_dir/trained
+    with torch.no_grad():
+        assert torch.equal(trained(tokens), reloaded(tokens))
 
 
 def test_rotated_start_trains_on_gptqs_grid_and_the_device_gets_what_training_saw():
