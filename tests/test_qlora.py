@@ -516,7 +516,7 @@ def _short_rotation_preset(monkeypatch):
     from quant import spinquant
 
     monkeypatch.setitem(spinquant.PRESETS, "cpu", dataclasses.replace(
-        spinquant.PRESETS["cpu"], iterations=3, train_batch=2, init_probe=1, bf16=False))
+        spinquant.PRESETS["cpu"], iterations=3, train_batch=2, init_probe=1))
 
 
 def test_learned_start_learns_rotations_on_the_windows_and_a_rerun_rebuilds_the_same_start(tmp_path, monkeypatch):
