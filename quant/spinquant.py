@@ -54,6 +54,7 @@ from quant.cayley import CayleySGD
 from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn
 from quant.hadamard import random_hadamard
 from quant.method import (
+    MethodInputs,
     check_fingerprint,
     load_state,
     native_bf16,
@@ -406,8 +407,8 @@ def learned_gptq(model: nn.Module, tokens: torch.Tensor, gptq_samples: int, work
     another `fingerprint` is an error). On text the model wrote itself, the next-token loss the
     rotations learn is, in expectation, the KL to the model plus its own entropy (a constant): the
     rotations are fit to the model, not to a domain."""
-    base = PRESETS["paper" if device.startswith("cuda") else "cpu"]
-    s = dataclasses.replace(base, seed=seed, scale_search=scale_search, bf16=native_bf16(device))
+    s = settings_from(MethodInputs(work_dir=Path(work_dir), device=device, seed=seed,
+                                   options={"scale_search": scale_search}))
     _prepare(model, s)
     r1, r2, _ = learn_rotations(model, tokens[:, : s.train_seq_len], s, work_dir, fingerprint, device,
                                 progress=progress)
@@ -416,7 +417,8 @@ def learned_gptq(model: nn.Module, tokens: torch.Tensor, gptq_samples: int, work
 
 
 def rotated_structure(model: nn.Module) -> None:
-    """The layout hadamard_gptq leaves (norms folded, R4 modules in), for loading its weights into."""
+    """The layout hadamard_gptq and learned_gptq leave (norms folded, R4 modules in), for loading
+    their weights into."""
     _prepare(model, Settings(rotation="hadamard"))
 
 
