@@ -56,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--gguf", type=Path, default=None, help="the llama.cpp peer's GGUF (default for smollm2: the "
                    "embedded Q4_1 file)")
     r.add_argument("--quiet", "-q", action="store_true")
+    r.add_argument("--verbose", "-v", action="store_true", help="also show the libraries' own logging (ExecuTorch's "
+                   "and the tokenizer's C++ lines, Python warnings), as `ptekit --verbose` does")
     a = ap.parse_args(argv)
     log.setup()
+    if not a.verbose:
+        from exporter.quiet import quiet_libraries, silence_native_stderr
+
+        quiet_libraries()
+        silence_native_stderr()
 
     if a.eval_max_tokens is None:
         a.eval_max_tokens = 0 if a.model in RANDOM_MODELS else d.eval_max_tokens

@@ -22,11 +22,11 @@ def suite_run(tiny_hf, tmp_path_factory):
     cmd = [sys.executable, "-m", "benchmarks", "run", "--model", str(tiny_hf), "--out", str(out), *FAST]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout, cmd
+    return out, proc.stdout, cmd, proc.stderr
 
 
 def test_suite_writes_table_json_and_chart(suite_run):
-    out, stdout, _ = suite_run
+    out, stdout, _, _ = suite_run
     record = json.loads((out / "benchmarks.json").read_text())
     assert set(record["methods"]) == {"bf16", "ptq"}
     for method, e in record["methods"].items():
@@ -56,8 +56,16 @@ def test_suite_writes_table_json_and_chart(suite_run):
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_suite_output_is_its_own(suite_run):
+    """The libraries' logging (ExecuTorch's and the tokenizer's C++ lines, torchao's optional kernels) stays
+    out of the suite's output, as it does out of the CLI's; --verbose would keep it."""
+    _, stdout, _, stderr = suite_run
+    for line in (stdout + stderr).splitlines():
+        assert not any(lib in line for lib in ("cpuinfo_utils", "tokenizers:", "Failed to load", "_pytree.py")), line
+
+
 def test_rerun_resumes_without_exporting_again(suite_run):
-    out, _, cmd = suite_run
+    out, _, cmd, _ = suite_run
     before = {m: (out / m / "model.pte").stat().st_mtime_ns for m in ("bf16", "ptq")}
     bench_before = json.loads((out / "ptq" / "bench.json").read_text())["started_at"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -72,7 +80,7 @@ def test_computed_size_matches_the_real_pte(suite_run, tiny_hf):
     from benchmarks.sizes import computed_parts
     from exporter.checkpoint import load_checkpoint
 
-    out, _, _ = suite_run
+    out, _, _, _ = suite_run
     cfg = load_checkpoint(tiny_hf).config
     for method in ("bf16", "ptq"):
         measured = (out / method / "model.pte").stat().st_size
