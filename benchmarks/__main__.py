@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from exporter import log
+from exporter import log, quiet
 from exporter.errors import PtekitError
 
 _log = log.get(__name__)
@@ -60,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                    "and the tokenizer's C++ lines, Python warnings), as `ptekit --verbose` does")
     a = ap.parse_args(argv)
     log.setup()
-    if not a.verbose:
-        from exporter.quiet import quiet_libraries, silence_native_stderr
-
-        quiet_libraries()
-        silence_native_stderr()
+    quiet.for_command(a.verbose)
 
     if a.eval_max_tokens is None:
         a.eval_max_tokens = 0 if a.model in RANDOM_MODELS else d.eval_max_tokens

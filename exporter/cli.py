@@ -36,12 +36,10 @@ METHOD_HELP = registry.help_text()
 
 @app.callback()
 def root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' own logging (ExecuTorch's and the tokenizer's C++ lines, Python warnings).")):
-    from exporter.quiet import quiet_libraries, silence_native_stderr
+    from exporter import quiet
 
     log.setup()
-    if not verbose:
-        quiet_libraries()
-        silence_native_stderr()
+    quiet.for_command(verbose)
 
 
 class Stages:

@@ -22,6 +22,14 @@ _devnull = None  # set by silence_native_stderr
 LIBRARY_MODULES = r"(torch|torchao|executorch)(\..*)?$"
 
 
+def for_command(verbose: bool) -> None:
+    """What a command line (`ptekit`, `python -m benchmarks`) calls first: unless --verbose, the
+    libraries' Python logging and warnings and native code's stderr lines are kept from the user."""
+    if not verbose:
+        quiet_libraries()
+        silence_native_stderr()
+
+
 def quiet_libraries() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # Importing torch resets its "torch" logger to WARNING, and the command line imports torch only

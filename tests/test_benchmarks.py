@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,18 +16,24 @@ FAST = ["--methods", "bf16,ptq", "--peers", "", "--max-seq-len", "256", "--gen",
         "--eval-seq-len", "128", "--eval-max-tokens", "512", "--quiet"]
 
 
+@dataclass
+class SuiteRun:
+    out: Path  # the --out directory
+    proc: subprocess.CompletedProcess  # its command (proc.args), stdout and stderr
+
+
 @pytest.fixture(scope="module")
-def suite_run(tiny_hf, tmp_path_factory):
+def suite_run(tiny_hf, tmp_path_factory) -> SuiteRun:
     """The CI subset: `python -m benchmarks run` on the tiny model with bf16 and ptq."""
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "benchmarks", "run", "--model", str(tiny_hf), "--out", str(out), *FAST]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout, cmd, proc.stderr
+    return SuiteRun(out, proc)
 
 
 def test_suite_writes_table_json_and_chart(suite_run):
-    out, stdout, _, _ = suite_run
+    out, stdout = suite_run.out, suite_run.proc.stdout
     record = json.loads((out / "benchmarks.json").read_text())
     assert set(record["methods"]) == {"bf16", "ptq"}
     for method, e in record["methods"].items():
@@ -59,16 +66,15 @@ def test_suite_writes_table_json_and_chart(suite_run):
 def test_suite_output_is_its_own(suite_run):
     """The libraries' logging (ExecuTorch's and the tokenizer's C++ lines, torchao's optional kernels) stays
     out of the suite's output, as it does out of the CLI's; --verbose would keep it."""
-    _, stdout, _, stderr = suite_run
-    for line in (stdout + stderr).splitlines():
+    for line in (suite_run.proc.stdout + suite_run.proc.stderr).splitlines():
         assert not any(lib in line for lib in ("cpuinfo_utils", "tokenizers:", "Failed to load", "_pytree.py")), line
 
 
 def test_rerun_resumes_without_exporting_again(suite_run):
-    out, _, cmd, _ = suite_run
+    out = suite_run.out
     before = {m: (out / m / "model.pte").stat().st_mtime_ns for m in ("bf16", "ptq")}
     bench_before = json.loads((out / "ptq" / "bench.json").read_text())["started_at"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(suite_run.proc.args, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {m: (out / m / "model.pte").stat().st_mtime_ns for m in ("bf16", "ptq")} == before
     assert json.loads((out / "ptq" / "bench.json").read_text())["started_at"] == bench_before
@@ -80,7 +86,7 @@ def test_computed_size_matches_the_real_pte(suite_run, tiny_hf):
     from benchmarks.sizes import computed_parts
     from exporter.checkpoint import load_checkpoint
 
-    out, _, _, _ = suite_run
+    out = suite_run.out
     cfg = load_checkpoint(tiny_hf).config
     for method in ("bf16", "ptq"):
         measured = (out / method / "model.pte").stat().st_size
