@@ -44,18 +44,26 @@ class _FakeQuantWeight(torch.autograd.Function):
 
 
 class _FakeQuantOnGrid(torch.autograd.Function):
-    """Symmetric int4 per group on fixed scales [out, groups]; the gradient passes straight through."""
+    """Symmetric int4 per group on scales [out, groups]. The weight's gradient passes straight through;
+    a scale's (when it trains) holds each weight's integer fixed: d(q * s)/ds = q, summed over the group."""
 
     @staticmethod
     def forward(ctx, w, scale):
         g = w.reshape(w.shape[0], -1, scheme.GROUP_SIZE)
         s = scale.to(scheme.GROUP_SCALE_DTYPE)[..., None]
         q = g * (1.0 / s).float()  # the reciprocal in the scale's dtype, as torchao's quantize_affine
-        return q.round_().clamp_(*INT4).mul_(s.float()).reshape(w.shape).to(w.dtype)
+        q = q.round_().clamp_(*INT4)
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(q.to(torch.int8))
+        return q.mul_(s.float()).reshape(w.shape).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        if not ctx.needs_input_grad[1]:
+            return grad, None
+        (q,) = ctx.saved_tensors
+        grad_scale = (grad.reshape(q.shape).float() * q).sum(-1)
+        return grad, grad_scale
 
 
 class _FakeQuantAct(torch.autograd.Function):

@@ -5,11 +5,13 @@ linears int4 group 32 with int8 per-token activations, the classifier int8 per c
 per-token activations, the embedding int8 per row. They are subclasses of the layers they replace
 and keep the same parameters under the same names, so LoRA wraps them and checkpoints read the same.
 
-The block linears' group scales are fixed when training starts (a buffer `scale` per linear): the
+The block linears' group scales are set when training starts (`scale` per linear): the
 round-to-nearest scales of the starting weights, or the scales a method chose before (GPTQ's, when
 qlora starts from a rotated, GPTQ-quantized model: recomputing max-based scales from GPTQ's
-dequantized weights would move every group to another grid and undo GPTQ). The classifier and the
-embedding keep scales computed from their weights, as ptq's are.
+dequantized weights would move every group to another grid and undo GPTQ). They stay fixed (a
+buffer), or with `learn_scales` train too (a parameter): from GPTQ's dequantized weights, which sit at
+the centres of their grid cells, small weight steps change no integer, while a scale moves its whole
+group at once. The classifier and the embedding keep scales computed from their weights, as ptq's are.
 
 `convert` gives back the plain layers holding the trained float weights and returns the block
 linears' integers on their fixed scales; quant.ptq.apply_scheme quantizes the rest with torchao's
@@ -35,16 +37,19 @@ class FakeQuantLinear(nn.Linear):
     """A quantized linear during training: its input and weight go through the scheme's rounding."""
 
     def __init__(self, in_features: int, out_features: int, hadamard: nn.Module | None = None,
-                 scale: torch.Tensor | None = None):
+                 scale: torch.Tensor | None = None, learn_scale: bool = False):
         with torch.device("meta"):
             super().__init__(in_features, out_features, bias=False)
         self.hadamard = hadamard
         # None: the classifier (int8 per channel, scales from the weight); else int4 on these scales.
-        self.register_buffer("scale", scale)
+        if learn_scale and scale is not None:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, scale: torch.Tensor | None = None) -> FakeQuantLinear:
-        new = cls(linear.in_features, linear.out_features, getattr(linear, "hadamard", None), scale)
+    def wrap(cls, linear: nn.Linear, scale: torch.Tensor | None = None, learn_scale: bool = False) -> FakeQuantLinear:
+        new = cls(linear.in_features, linear.out_features, getattr(linear, "hadamard", None), scale, learn_scale)
         new.weight = linear.weight
         return new
 
@@ -101,16 +106,17 @@ class FakeQuantEmbedding(nn.Embedding):
         return new
 
 
-def prepare(model: nn.Module, scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def prepare(model: nn.Module, scales: dict[str, torch.Tensor] | None = None, learn_scales: bool = False) -> nn.Module:
     """Fake-quantizes the model in place, exactly as the scheme will quantize it. `scales`: the
-    block linears' group scales by name (default: round to nearest of the current weights)."""
+    block linears' group scales by name (default: round to nearest of the current weights);
+    `learn_scales`: they become parameters (named `<linear>.scale`) that train with the weights."""
     from quant.gptq import group_scales
 
     scheme.check_group_divisible(model)
     scales = scales or {}
     for name, lin in scheme.block_linears(model).items():
         scale = scales[name] if name in scales else group_scales(lin.weight.detach())
-        _replace(model, name, FakeQuantLinear.wrap(lin, scale.float().to(lin.weight.device)))
+        _replace(model, name, FakeQuantLinear.wrap(lin, scale.float().to(lin.weight.device), learn_scales))
     model.output = FakeQuantLinear.wrap(model.output)
     model.tok_embeddings = FakeQuantEmbedding.wrap(model.tok_embeddings)
     return model

@@ -82,6 +82,7 @@ class QLoRASettings:
     qat_steps: int = 400  # 400 x 8 x 512 = 1.6M tokens
     lora_steps: int = 100  # 0: QAT alone, no adapters
     lr: float = 1e-4
+    scale_lr: float = 0.0  # > 0: QAT trains the block linears' group scales too, at this rate (quant.qat)
     lora_lr: float = 2e-4
     seq_len: int = 512
     micro_batch: int = 4
@@ -126,13 +127,13 @@ class QLoRASettings:
             raise PtekitError("qlora: qat_steps=0 and lora_steps=0 train nothing; use --method ptq for round to nearest")
         return s
 
-    def train_config(self, steps: int, lr: float, seed: int, user_data: bool) -> TrainConfig:
+    def train_config(self, steps: int, lr: float, seed: int, user_data: bool, scale_lr: float = 0.0) -> TrainConfig:
         ce = self.ce_weight if self.ce_weight is not None else (1.0 if user_data else 0.0)
         return TrainConfig(steps=steps, lr=lr, warmup_steps=min(self.warmup_steps, steps // 10),
                            micro_batch=self.micro_batch, grad_accum=self.grad_accum, ce_weight=ce,
                            kd_weight=self.kd_weight, checkpoint_every=self.checkpoint_every,
                            autocast=self.autocast, recompute_activations=self.recompute_activations,
-                           optimizer_state=self.optimizer_state, seed=seed)
+                           optimizer_state=self.optimizer_state, scale_lr=scale_lr, seed=seed)
 
 
 PRESETS = {
@@ -271,7 +272,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     fp_start = _hash(fp_data, s.rotation, s.gptq_samples if s.rotation != "none" else None,
                      *(["scale_search"] if s.gptq_scale_search and s.rotation != "none" else []))
     user_data = src != sft_data.SELF_GENERATED
-    rounds = [("qat", s.train_config(s.qat_steps, s.lr, inputs.seed, user_data))]
+    rounds = [("qat", s.train_config(s.qat_steps, s.lr, inputs.seed, user_data, s.scale_lr))]
     if s.lora_steps > 0:
         rounds.append(("lora", s.train_config(s.lora_steps, s.lora_lr, inputs.seed, user_data)))
     if s.dpo_data:
@@ -308,7 +309,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
                                 _hash(fp_start, "rotations"), inputs.seed, str(device), progress=s.progress,
                                 scale_search=s.gptq_scale_search)
         scales = {name: scale for name, (_, scale) in gptq.items()}
-    qat.prepare(model, scales)
+    qat.prepare(model, scales, learn_scales=s.scale_lr > 0 and s.qat_steps > 0)
     cfg = dict(rounds)["qat"]
     kd_teacher = teacher if s.kd_weight else None
     if s.qat_steps > 0:  # 0: the adapters learn on the round-to-nearest backbone (full AdamW state not needed)

@@ -56,14 +56,16 @@ class TrainConfig:
     autocast: bool | None = None  # None: bf16 autocast on CUDA devices that support bf16
     recompute_activations: bool = True  # activation checkpointing per block: less memory, ~1/3 more compute
     optimizer_state: str = "fp32"  # AdamW's moments: fp32, or bf16 (quant/optim.py: 4 bytes a parameter less)
+    scale_lr: float = 0.0  # the learning rate of parameters named *.scale (quant.qat's learned group scales)
     seed: int = 0
 
     def fingerprint(self) -> str:
         # How often to checkpoint and whether activations are recomputed do not change the result,
         # so a run may resume with other values.
         d = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "recompute_activations")}
-        if d["optimizer_state"] == "fp32":  # the fingerprint of a run from before the option existed
-            del d["optimizer_state"]
+        for key, default in (("optimizer_state", "fp32"), ("scale_lr", 0.0)):
+            if d[key] == default:  # the fingerprint of a run from before the option existed
+                del d[key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -236,9 +238,13 @@ def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Ob
     trainable = set(id(p) for p in params)
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    # Group scales (quant.qat, learn_scales) are step sizes, not weights: their own rate, no decay.
+    scale_ids = {id(p) for n, p in model.named_parameters() if n.endswith(".scale") and id(p) in trainable}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in scale_ids]
+    no_decay = [p for p in params if p.dim() < 2 and id(p) not in scale_ids]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if scale_ids:
+        groups.append({"params": [p for p in params if id(p) in scale_ids], "weight_decay": 0.0, "lr": cfg.scale_lr})
     if cfg.optimizer_state == "bf16":
         from quant.optim import AdamWBf16State
 

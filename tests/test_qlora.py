@@ -50,9 +50,10 @@ def lora_parameter_count(model) -> int:
 # --- QAT == the scheme -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_fake_quantization_is_the_converted_quantization(tie):
-    """Same integers, same scales, same logits: what training saw is what the device gets."""
+@pytest.mark.parametrize("tie,learn_scales", [(True, False), (False, False), (False, True)])
+def test_fake_quantization_is_the_converted_quantization(tie, learn_scales):
+    """Same integers, same scales, same logits: what training saw is what the device gets, learned
+    group scales (fp32 values bf16 cannot hold) included."""
     import copy
 
     from quant import qat
@@ -62,7 +63,12 @@ def test_fake_quantization_is_the_converted_quantization(tie):
     with torch.no_grad():  # stand-in for training: weights no longer the checkpoint's
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    qat.prepare(model)
+    qat.prepare(model, learn_scales=learn_scales)
+    scales = [p for n, p in model.named_parameters() if n.endswith(".scale")]
+    assert len(scales) == (2 * 7 if learn_scales else 0)
+    with torch.no_grad():  # stand-in for training the scales
+        for p in scales:
+            p.mul_(1 + 0.05 * torch.randn_like(p))
     tokens = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         fake_logits = model(tokens)
