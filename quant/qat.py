@@ -43,7 +43,7 @@ class FakeQuantLinear(nn.Linear):
         self.hadamard = hadamard
         # None: the classifier (int8 per channel, scales from the weight); else int4 on these scales.
         if learn_scale and scale is not None:
-            self.scale = nn.Parameter(scale)
+            self.scale = nn.Parameter(scale.clone())  # its own storage: training must not write the caller's
         else:
             self.register_buffer("scale", scale)
 

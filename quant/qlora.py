@@ -119,6 +119,8 @@ class QLoRASettings:
                 raise PtekitError(f"qlora: {key} must be at least 1 (got {getattr(s, key)})")
         if s.qat_steps < 0 or s.lora_steps < 0:
             raise PtekitError(f"qlora: qat_steps and lora_steps must be 0 or more (got {s.qat_steps}, {s.lora_steps})")
+        if s.scale_lr < 0:
+            raise PtekitError(f"qlora: scale_lr must be 0 (group scales fixed) or more (got {s.scale_lr})")
         if s.optimizer_state not in ("fp32", "bf16"):
             raise PtekitError(f"qlora: option optimizer_state={s.optimizer_state!r}; choose fp32 or bf16")
         if s.rotation not in ("none", "hadamard", "learned"):

@@ -352,6 +352,8 @@ def test_unknown_option_is_one_clear_error(tmp_path):
 
     with pytest.raises(PtekitError, match="unknown option 'rnak'"):
         QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"rnak": 8}))
+    with pytest.raises(PtekitError, match="scale_lr must be 0"):
+        QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"scale_lr": "-1e-5"}))
     s = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, steps=7, options={"rank": "8", "autocast": "false"}))
     assert (s.rank, s.autocast, s.qat_steps, s.lora_steps) == (8, False, 7, 7)
 
@@ -571,10 +573,12 @@ def test_qlora_from_learned_rotations_saves_a_model_that_loads_as_trained(tiny_h
         assert torch.equal(trained(tokens), reloaded(tokens))
 
 
-def test_rotated_start_trains_on_gptqs_grid_and_the_device_gets_what_training_saw():
-    """rotation=hadamard: QAT keeps GPTQ's scales, so before any step the fake-quantized weights are
-    GPTQ's own integers (recomputed max-based scales would move them), and after a step the
-    converted model still computes exactly what the fake-quantized one did."""
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_rotated_start_trains_on_gptqs_grid_and_the_device_gets_what_training_saw(learn_scales):
+    """rotation=hadamard: QAT starts on GPTQ's scales, so before any step the fake-quantized weights are
+    GPTQ's own integers (recomputed max-based scales would move them), and after a step (which moves
+    the scales too when they learn) the converted model still computes exactly what the fake-quantized
+    one did."""
     import copy
 
     from quant import qat
@@ -584,19 +588,50 @@ def test_rotated_start_trains_on_gptqs_grid_and_the_device_gets_what_training_sa
     model = small_model(vocab=512)
     tokens = torch.randint(0, 512, (8, 32))
     gptq = hadamard_gptq(model, tokens, seed=0, progress=False)
-    qat.prepare(model, {n: s for n, (_, s) in gptq.items()})
+    qat.prepare(model, {n: s for n, (_, s) in gptq.items()}, learn_scales=learn_scales)
     for name, (q, scale) in gptq.items():
         ints, s = model.get_submodule(name).int4()
         assert torch.equal(ints, q) and torch.equal(s, scale.float()), name
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     model(tokens).logsumexp(-1).mean().backward()
     opt.step()
+    moved = [not torch.equal(model.get_submodule(n).scale, s.float()) for n, (_, s) in gptq.items()]
+    assert all(moved) if learn_scales else not any(moved)
     with torch.no_grad():
         fake = model(tokens)
     converted = copy.deepcopy(model)
     converted = apply_scheme(converted, qat.convert(converted))
     with torch.no_grad():
         assert torch.equal(converted(tokens), fake)
+
+
+def test_group_scales_train_at_their_own_rate(tmp_path):
+    """scale_lr: the learned group scales are an optimizer group of their own. With the weights' rate at
+    0 the weights stay put and the scales move, and the state records them for a resumed run."""
+    from quant import qat
+    from quant.train import Dist, TrainConfig, train
+
+    model = small_model(vocab=512)
+    qat.prepare(model, learn_scales=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokens = torch.randint(0, 512, (2, 32))
+
+    def objective(fwd, step, a):
+        return fwd(tokens).logsumexp(-1).mean(), {}, tokens.numel()
+
+    cfg = TrainConfig(steps=2, lr=0.0, scale_lr=1e-3, warmup_steps=0, micro_batch=1, grad_accum=1,
+                      recompute_activations=False)
+    train("t", model, list(model.parameters()), objective, cfg, tmp_path / "state.pt", "fp",
+          torch.device("cpu"), Dist(), progress=False)
+    after = dict(model.named_parameters())
+    scales = [n for n in before if n.endswith(".scale")]
+    assert len(scales) == 2 * 7
+    assert all(not torch.equal(after[n], before[n]) for n in scales)
+    assert all(torch.equal(after[n], before[n]) for n in before if n not in scales)
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)["params"]
+    assert all(torch.equal(saved[n], after[n].detach()) for n in scales)
+    assert cfg.fingerprint() != TrainConfig(steps=2, lr=0.0, warmup_steps=0, micro_batch=1, grad_accum=1,
+                                            recompute_activations=False).fingerprint()
 
 
 def test_folding_the_adapter_scale_changes_no_output_and_drops_the_multiplication():
