@@ -24,6 +24,10 @@ and 0.103 (Python docs) from BF16, against 0.226 and 0.198 from the checkpoint's
 its preset for the device), on the training windows: on the model's own text that next-token loss is
 the KL to the model plus a constant. On SmolLM2 at the cpu budget it ended within about one standard
 error of the Hadamard start on both texts, 17 minutes later (docs/qlora.md).
+scale_lr > 0 (off by default) trains the block linears' group scales in QAT too (quant.qat): from GPTQ's
+start no weight step at lr 1e-4 changes an integer, while a scale moves its whole group. On SmolLM2, 20
+QAT steps with scale_lr=1e-5 ended closer to BF16 on both texts than with the scales fixed, and 3e-5 and
+1e-4 farther (docs/qlora.md).
 3. DPO (off unless preference data is given): backbone and adapters together (quant.dpo).
 
 Then the fake quantizers come off and quant.ptq.apply_scheme quantizes the trained base
