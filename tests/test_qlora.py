@@ -364,7 +364,7 @@ def test_the_preset_follows_the_device_and_options_override_it(tmp_path):
 
     cpu = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, device="cpu"))
     gpu = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, device="cuda"))
-    assert (cpu.qat_steps, cpu.lora_steps, cpu.lora_lr) == (50, 20, 1e-3)
+    assert (cpu.qat_steps, cpu.lora_steps, cpu.lora_lr) == (50, 20, 1e-4)
     assert (gpu.qat_steps, gpu.lora_steps, gpu.lora_lr) == (400, 100, 2e-4)
     paper_on_cpu = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, device="cpu",
                                                           options={"preset": "paper", "lora_steps": "3"}))
