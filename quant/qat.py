@@ -122,6 +122,11 @@ def prepare(model: nn.Module, scales: dict[str, torch.Tensor] | None = None, lea
     return model
 
 
+def learned_scales(model: nn.Module) -> list[nn.Parameter]:
+    """The block linears' group scales that train (prepare's learn_scales); empty when they are fixed."""
+    return [m.scale for m in model.modules() if isinstance(m, FakeQuantLinear) and isinstance(m.scale, nn.Parameter)]
+
+
 def convert(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Back to plain nn.Linear / nn.Embedding holding the trained float weights (in place); returns
     the block linears' (integers, scales) by name, for quant.ptq.apply_scheme."""

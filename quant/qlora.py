@@ -20,10 +20,10 @@ weights instead of the checkpoint's: random Hadamard R1/R2 merged, R4 online, GP
 windows (quant.spinquant.hadamard_gptq), and QAT starts from GPTQ's group scales (quant.qat). On
 SmolLM2-135M, 20 distillation QAT steps + 5 LoRA steps from this start (scales fixed, adapters at
 lr 1e-3) end at KL 0.136 (WikiText-2) and 0.103 (Python docs) from BF16, against 0.226 and 0.198 from
-the checkpoint's own weights (rotation=none; docs/qlora.md). rotation=learned learns R1/R2 first, as spinquant does (Cayley SGD,
-its preset for the device), on the training windows: on the model's own text that next-token loss is
-the KL to the model plus a constant. On SmolLM2 at the cpu budget it ended within about one standard
-error of the Hadamard start on both texts, 17 minutes later (docs/qlora.md).
+the checkpoint's own weights (rotation=none; docs/qlora.md). rotation=learned learns R1/R2 first, as
+spinquant does (Cayley SGD, its preset for the device), on the training windows: on the model's own text
+that next-token loss is the KL to the model plus a constant. On SmolLM2 at the cpu budget it ended within
+about one standard error of the Hadamard start on both texts, 17 minutes later (docs/qlora.md).
 QAT also trains the block linears' group scales (scale_lr, 1e-5 by default; 0 keeps GPTQ's): from GPTQ's
 start no weight step at lr 1e-4 changes an integer, while a scale moves its whole group. On SmolLM2 at the
 cpu budget, the learned scales and the adapters at lr 1e-4 end closer to BF16 on both texts than fixed
@@ -341,7 +341,9 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
         cfg = dict(rounds)["dpo"]
         pairs = sft_data.load_preferences(Path(s.dpo_data), inputs.tokenizer)
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-        train("round 3: DPO", model, list(model.parameters()),
+        # Backbone and adapters; the group scales stay as QAT left them (the DPO round has no rate for them).
+        fixed = {id(p) for p in qat.learned_scales(model)}
+        train("round 3: DPO", model, [p for p in model.parameters() if id(p) not in fixed],
               dpo.objective(pairs, reference, cfg, d, device, s.dpo_beta, seq_len), cfg,
               work / "dpo" / "state.pt", fps["dpo"], device, d, progress=s.progress,
               work_dir=work)

@@ -66,6 +66,7 @@ def test_fake_quantization_is_the_converted_quantization(tie, learn_scales):
     qat.prepare(model, learn_scales=learn_scales)
     scales = [p for n, p in model.named_parameters() if n.endswith(".scale")]
     assert len(scales) == (2 * 7 if learn_scales else 0)
+    assert {id(p) for p in qat.learned_scales(model)} == {id(p) for p in scales}  # what the DPO round leaves out
     with torch.no_grad():  # stand-in for training the scales
         for p in scales:
             p.mul_(1 + 0.05 * torch.randn_like(p))
