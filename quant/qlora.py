@@ -66,7 +66,7 @@ from torch import nn
 from exporter.errors import PtekitError
 from exporter.manifest import file_sha256
 from exporter.memory import RUNTIME_FLOOR, Need
-from quant import lora, qat, sft_data
+from quant import lora, qat, scheme, sft_data
 from quant.method import (
     MethodInputs,
     check_fingerprint,
@@ -323,7 +323,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     if s.qat_steps > 0:  # 0: the adapters learn on the round-to-nearest backbone (full AdamW state not needed)
         train("round 1: QAT", model, list(model.parameters()), sft_objective(windows, cfg, d, device, kd_teacher),
               cfg, work / "qat" / "state.pt", fps["qat"], device, d, progress=s.progress,
-              work_dir=work)
+              work_dir=work, step_sizes=qat.learned_scales(model))
 
     if s.lora_steps > 0:
         torch.manual_seed(inputs.seed)  # the adapters' initial values, the same on every process
@@ -402,17 +402,20 @@ def _leave_if_helper(d: Dist) -> None:
 def memory_need(cfg, parameters: int, inputs: MethodInputs) -> Need:
     """The training's peak, estimated from the shape (exporter/memory.py): the student and the BF16 teacher in
     fp32 (8 bytes a parameter; a BF16 checkpoint's teacher takes less, store_in_bf16_where_exact); the QAT
-    round's gradients and AdamW's two moments (12 more, 8 with optimizer_state=bf16); and the logits of a
+    round's gradients and AdamW's two moments (12 more, 8 with optimizer_state=bf16), and with scale_lr > 0 the
+    learned group scales with theirs (16 bytes a group of 32 weights, counted over every parameter); and the logits of a
     micro-batch, the student's, their gradient and the teacher's (3 vocabulary-wide fp32 rows per token; the
     distillation itself runs in chunks of positions). On the Llama 3.2 1B shape with optimizer_state=bf16
-    and micro-batches of 2 x 512 this gives 20.6 GiB against a measured 18.1 GiB peak for `ptekit eval`,
-    which also holds the BF16 reference (docs/qlora.md)."""
+    and micro-batches of 2 x 512 this gives 21.2 GiB (20.6 with the scales fixed) against a peak of 18.1 GiB
+    measured with the scales fixed for `ptekit eval`, which also holds the BF16 reference (docs/qlora.md)."""
     s = QLoRASettings.from_inputs(inputs)
     per_parameter = 8 + ((12 if s.optimizer_state == "fp32" else 8) if s.qat_steps > 0 else 0)
+    if s.qat_steps > 0 and s.scale_lr > 0:
+        per_parameter += 16 / scheme.GROUP_SIZE  # fp32 scale, gradient, two moments
     logits = 3 * 4 * s.micro_batch * s.seq_len * cfg.vocab_size
     if s.qat_steps > 0:
         lower_it = ("-O optimizer_state=bf16 (AdamW's moments in bf16) or " if s.optimizer_state == "fp32" else "") \
             + "-O qat_steps=0 (adapters only, no AdamW state for the backbone)"
     else:
         lower_it = "-O micro_batch=1 (fewer logits at once)" if s.micro_batch > 1 else ""
-    return Need("quantize (qlora)", per_parameter * parameters + logits + RUNTIME_FLOOR, lower_it)
+    return Need("quantize (qlora)", int(per_parameter * parameters) + logits + RUNTIME_FLOOR, lower_it)

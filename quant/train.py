@@ -56,7 +56,7 @@ class TrainConfig:
     autocast: bool | None = None  # None: bf16 autocast on CUDA devices that support bf16
     recompute_activations: bool = True  # activation checkpointing per block: less memory, ~1/3 more compute
     optimizer_state: str = "fp32"  # AdamW's moments: fp32, or bf16 (quant/optim.py: 4 bytes a parameter less)
-    scale_lr: float = 0.0  # the learning rate of parameters named *.scale (quant.qat's learned group scales)
+    scale_lr: float = 0.0  # the learning rate of train()'s step_sizes (quant.qat's learned group scales)
     seed: int = 0
 
     def fingerprint(self) -> str:
@@ -226,12 +226,13 @@ Objective = Callable[[nn.Module, int, int], tuple[torch.Tensor, dict, int]]
 def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Objective, cfg: TrainConfig,
           state_path: Path, fingerprint: str, device: torch.device, d: Dist,
           on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
-          work_dir: Path | None = None) -> dict:
+          work_dir: Path | None = None, step_sizes: list[nn.Parameter] = ()) -> dict:
     """Trains `params` of `model` (in place) for cfg.steps steps; resumes from state_path if it
     holds an unfinished run with the same fingerprint, and only restores the parameters if that
     run has finished; a state with another fingerprint is an error naming work_dir (default: the
     state's folder), quant.method's resume policy. `objective(forward, step, a)` returns micro-batch a's (loss, parts, tokens)
-    computed through `forward` (the model, or its DDP wrapper). Returns the last step's metrics."""
+    computed through `forward` (the model, or its DDP wrapper). `step_sizes`: those of `params` that are
+    quantization step sizes (quant.qat.learned_scales), trained at cfg.scale_lr. Returns the last step's metrics."""
     from exporter.progress import bar as progress_bar
 
     names = _param_names(model, params)
@@ -239,7 +240,9 @@ def train(name: str, model: nn.Module, params: list[nn.Parameter], objective: Ob
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     # Group scales (quant.qat, learn_scales) are step sizes, not weights: their own rate, no decay.
-    scale_ids = {id(p) for n, p in model.named_parameters() if n.endswith(".scale") and id(p) in trainable}
+    scale_ids = {id(p) for p in step_sizes}
+    if not scale_ids <= trainable:
+        raise ValueError("train: step_sizes must be among the trained params")
     decay = [p for p in params if p.dim() >= 2 and id(p) not in scale_ids]
     no_decay = [p for p in params if p.dim() < 2 and id(p) not in scale_ids]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -454,6 +454,41 @@ def test_dpo_prefers_the_chosen_answers():
     assert last.item() < 0.5 and parts["acc"].item() == 1.0
 
 
+def test_dpo_round_trains_backbone_and_adapters_and_keeps_the_learned_scales(tiny_hf, wikitext_valid, tmp_path):
+    """dpo_data: a third round after QAT (scales learned) and LoRA, on the backbone and the adapters; the
+    group scales stay where QAT left them, and a rerun loads the trained result."""
+    import quant.qlora as qlora
+    from exporter.checkpoint import load_checkpoint
+    from exporter.tokenizer import Tokenizer
+    from quant.method import MethodInputs
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."}) + "\n"
+                             for i in range(4)))
+    ckpt = load_checkpoint(tiny_hf)
+    inputs = MethodInputs(work_dir=tmp_path / "work", tokenizer=Tokenizer(ckpt.tokenizer_path),
+                          calibration=wikitext_valid,
+                          options={**EXPORT_OPTIONS, "qat_steps": 1, "lora_steps": 1, "rotation": "none",
+                                   "scale_lr": 1e-3, "dpo_data": str(prefs), "dpo_steps": 1, "dpo_lr": 1e-2})
+    tokens = torch.randint(0, ckpt.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    trained = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)
+    states = {r: torch.load(tmp_path / "work" / r / "state.pt", weights_only=True)["params"] for r in ("qat", "dpo")}
+    scales = [n for n in states["qat"] if n.endswith(".scale")]
+    assert scales and not any(n.endswith(".scale") for n in states["dpo"])
+    assert any("lora_b" in n for n in states["dpo"]) and any(n.endswith("w2.base.weight") for n in states["dpo"])
+    saved = load_file_safetensors(tmp_path / "work" / qlora.TRAINED / "model.safetensors")
+    assert all(torch.equal(saved[n.replace(".scale", ".base.scale")], states["qat"][n]) for n in scales)  # inside LoRA
+    reloaded = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)
+    with torch.no_grad():
+        assert torch.equal(trained(tokens), reloaded(tokens))
+
+
+def load_file_safetensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
 # --- the quality bar (needs a GPU: about 40 tokens/s of training on 2 CPU cores) -----------------
 
 
@@ -623,7 +658,7 @@ def test_group_scales_train_at_their_own_rate(tmp_path):
     cfg = TrainConfig(steps=2, lr=0.0, scale_lr=1e-3, warmup_steps=0, micro_batch=1, grad_accum=1,
                       recompute_activations=False)
     train("t", model, list(model.parameters()), objective, cfg, tmp_path / "state.pt", "fp",
-          torch.device("cpu"), Dist(), progress=False)
+          torch.device("cpu"), Dist(), progress=False, step_sizes=qat.learned_scales(model))
     after = dict(model.named_parameters())
     scales = [n for n in before if n.endswith(".scale")]
     assert len(scales) == 2 * 7
