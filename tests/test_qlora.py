@@ -391,6 +391,27 @@ def test_self_generated_data_is_the_models_own_text():
         assert int(model(seq[:, :1])[0, -1].argmax()) == a[0].tokens[1]
 
 
+def test_mixed_text_alternates_the_models_own_windows_with_the_calibration_texts(tok, wikitext_valid, tmp_path):
+    """train_text=mixed: each generated window followed by a window of WikiText-2's validation text, every
+    position a distillation target, and its own fingerprint (the saved rounds of the other are not reused)."""
+    from quant import data, sft_data
+    from quant.method import MethodInputs
+    from quant.qlora import QLoRASettings, _with_calibration_text, data_id
+
+    generated = sft_data.Windows(torch.randint(0, 1000, (3, 65)), torch.ones(3, 65, dtype=torch.bool))
+    mixed = _with_calibration_text(generated, MethodInputs(work_dir=tmp_path, tokenizer=tok))
+    assert mixed.tokens.shape == (6, 65) and bool(mixed.mask.all())
+    assert torch.equal(mixed.tokens[0::2], generated.tokens)
+    stream = data.token_stream(wikitext_valid, tok)
+    windows = stream[: len(stream) // 65 * 65].view(-1, 65)
+    assert all(bool((windows == row).all(1).any()) for row in mixed.tokens[1::2])
+    options = [QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options=o))
+               for o in ({}, {"train_text": "mixed"})]
+    assert data_id(sft_data.SELF_GENERATED, options[0], 0) != data_id(sft_data.SELF_GENERATED, options[1], 0)
+    with pytest.raises(PtekitError, match="train_text='wiki'; choose generated or mixed"):
+        QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"train_text": "wiki"}))
+
+
 def test_saved_work_of_another_run_is_an_error_naming_the_work_directory(tmp_path):
     """One resume policy (quant.method): a round's state or the trained result saved under another
     fingerprint is neither used nor overwritten; the run stops, saying what to delete."""
