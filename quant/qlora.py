@@ -288,13 +288,16 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     from quant.ptq import apply_scheme
 
     s = QLoRASettings.from_inputs(inputs)
+    src = data_source(inputs)
+    if s.train_text == "mixed" and src != sft_data.SELF_GENERATED:
+        raise PtekitError(f"qlora: train_text=mixed mixes the model's own text with the calibration text, and --data "
+                          f"{src} replaces both; drop one of them")
     model = model.float()  # trained and distilled in fp32, whatever the checkpoint stores
     work = Path(inputs.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     d = init_distributed(inputs.device)
     device = process_device(inputs.device, d)
     seq_len = min(s.seq_len, model.config.max_seq_len)
-    src = data_source(inputs)
 
     # One fingerprint per round, chained: a round's checkpoint is reused only by a run that
     # would have produced it (same weights, data and settings up to that round).

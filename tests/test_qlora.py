@@ -410,6 +410,11 @@ def test_mixed_text_alternates_the_models_own_windows_with_the_calibration_texts
     assert data_id(sft_data.SELF_GENERATED, options[0], 0) != data_id(sft_data.SELF_GENERATED, options[1], 0)
     with pytest.raises(PtekitError, match="train_text='wiki'; choose generated or mixed"):
         QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"train_text": "wiki"}))
+    from quant.qlora import quantize
+
+    with pytest.raises(PtekitError, match="train_text=mixed .* --data .*corpus.txt replaces both"):
+        quantize(small_model(), MethodInputs(work_dir=tmp_path, calibration=tmp_path / "corpus.txt",
+                                             options={"train_text": "mixed"}))
 
 
 def test_saved_work_of_another_run_is_an_error_naming_the_work_directory(tmp_path):
@@ -478,6 +483,8 @@ def test_dpo_prefers_the_chosen_answers():
 def test_dpo_round_trains_backbone_and_adapters_and_keeps_the_learned_scales(tiny_hf, wikitext_valid, tmp_path):
     """dpo_data: a third round after QAT (scales learned) and LoRA, on the backbone and the adapters; the
     group scales stay where QAT left them, and a rerun loads the trained result."""
+    from safetensors.torch import load_file
+
     import quant.qlora as qlora
     from exporter.checkpoint import load_checkpoint
     from exporter.tokenizer import Tokenizer
@@ -497,17 +504,11 @@ def test_dpo_round_trains_backbone_and_adapters_and_keeps_the_learned_scales(tin
     scales = [n for n in states["qat"] if n.endswith(".scale")]
     assert scales and not any(n.endswith(".scale") for n in states["dpo"])
     assert any("lora_b" in n for n in states["dpo"]) and any(n.endswith("w2.base.weight") for n in states["dpo"])
-    saved = load_file_safetensors(tmp_path / "work" / qlora.TRAINED / "model.safetensors")
+    saved = load_file(tmp_path / "work" / qlora.TRAINED / "model.safetensors")
     assert all(torch.equal(saved[n.replace(".scale", ".base.scale")], states["qat"][n]) for n in scales)  # inside LoRA
     reloaded = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)
     with torch.no_grad():
         assert torch.equal(trained(tokens), reloaded(tokens))
-
-
-def load_file_safetensors(path):
-    from safetensors.torch import load_file
-
-    return load_file(path)
 
 
 # --- the quality bar (needs a GPU: about 40 tokens/s of training on 2 CPU cores) -----------------
