@@ -139,6 +139,9 @@ class QLoRASettings:
             raise PtekitError(f"qlora: option optimizer_state={s.optimizer_state!r}; choose fp32 or bf16")
         if s.train_text not in ("generated", "mixed"):
             raise PtekitError(f"qlora: option train_text={s.train_text!r}; choose generated or mixed")
+        if s.train_text == "mixed" and (src := data_source(inputs)) != sft_data.SELF_GENERATED:
+            raise PtekitError(f"qlora: train_text=mixed mixes the model's own text with the calibration text, and "
+                              f"--data {src} replaces both; drop one of them")
         if s.rotation not in ("none", "hadamard", "learned"):
             raise PtekitError(f"qlora: option rotation={s.rotation!r}; choose none, hadamard or learned")
         if s.qat_steps == 0 and s.lora_steps == 0:
@@ -288,16 +291,13 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     from quant.ptq import apply_scheme
 
     s = QLoRASettings.from_inputs(inputs)
-    src = data_source(inputs)
-    if s.train_text == "mixed" and src != sft_data.SELF_GENERATED:
-        raise PtekitError(f"qlora: train_text=mixed mixes the model's own text with the calibration text, and --data "
-                          f"{src} replaces both; drop one of them")
     model = model.float()  # trained and distilled in fp32, whatever the checkpoint stores
     work = Path(inputs.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     d = init_distributed(inputs.device)
     device = process_device(inputs.device, d)
     seq_len = min(s.seq_len, model.config.max_seq_len)
+    src = data_source(inputs)
 
     # One fingerprint per round, chained: a round's checkpoint is reused only by a run that
     # would have produced it (same weights, data and settings up to that round).
