@@ -17,6 +17,7 @@ scheme requires.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,11 @@ class GPTQOptions:
     # Each group's scale by searched_group_scales instead of max|w| / 7.5. Off by default: on SmolLM2's
     # rotated start it lowered KL to BF16 on two texts but raised WikiText-2 perplexity (docs/qlora.md).
     scale_search: bool = False
+    # Asymmetric calibration (GPTAQ, Li et al. 2025): fit each layer's quantized output on the inputs it
+    # really gets (after the quantized layers before it) to the float model's output on the float model's
+    # inputs, instead of to its own float weights on the quantized inputs (plain GPTQ), so that the error
+    # the earlier layers left is corrected instead of carried on. See asymmetric_target.
+    asymmetric: bool = False
 
 
 @torch.no_grad()
@@ -138,20 +144,40 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, opts: GPTQOptions = GPTQOpti
     return q.to(torch.int8), scales
 
 
-class HessianAccumulator:
-    """H = 2/n sum x x^T over every token a linear layer sees (float32, running mean)."""
+@torch.no_grad()
+def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight W' whose output on the quantized inputs x is closest to W's on the float inputs x_f:
+    argmin sum |W' x - W x_f|^2 = W + W D H^-1, with H = sum x x^T and D = sum (x_f - x) x^T (H damped as
+    GPTQ damps it). Since W' x is the least-squares projection of W x_f, sum |Q x - W x_f|^2 =
+    sum |(Q - W') x|^2 + a constant, which is exactly what GPTQ minimises with target W' and Hessian H."""
+    w = w.float()
+    h = h.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h += damp * torch.mean(torch.diagonal(h)) * torch.eye(h.shape[0], device=h.device)
+    return w + torch.linalg.solve(h, cross.float().t() @ w.t()).t()
 
-    def __init__(self, cols: int, device):
+
+class HessianAccumulator:
+    """H = 2/n sum x x^T over every token a linear layer sees (float32, running mean), and with
+    asymmetric calibration D = 2/n sum (x_f - x) x^T, x_f the float model's input at the same token."""
+
+    def __init__(self, cols: int, device, asymmetric: bool = False):
         self.h = torch.zeros(cols, cols, device=device)
+        self.cross = torch.zeros(cols, cols, device=device) if asymmetric else None
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
-        self.h *= self.n / (self.n + m)
+        keep = self.n / (self.n + m)
+        self.h *= keep
         self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.h += x.t() @ x
+        c = (2.0 / self.n) ** 0.5
+        self.h += (x * c).t() @ (x * c)
+        if self.cross is not None:
+            self.cross *= keep
+            self.cross += ((x_float.reshape(x.shape).float() - x) * c).t() @ (x * c)
 
 
 def int4_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -211,47 +237,65 @@ def gptq_model(model: nn.Module, tokens: torch.Tensor, opts: GPTQOptions, device
     true_sequential: each group of linears gets its Hessian from a pass in which the groups before
     it are already quantized; the pass stops at the group's input, so the four passes cost about
     2.5 block forwards instead of 5 (without it: one pass for all four, then the output pass).
+    asymmetric: a float copy of each block runs beside it on the float model's hidden states, and each
+    linear's target is asymmetric_target (about twice the forward passes).
     """
     from quant.embedding import Int8Embedding
 
     cfg = model.config
     model.to(device)
-    # The first block sees what the .pte's int8 embedding produces.
+    # The first block sees what the .pte's int8 embedding produces; the float model, its float embedding.
     emb = Int8Embedding.from_float(model.tok_embeddings)
     hs = [emb(t.to(device)).float() for t in tokens.split(micro_batch)]
+    hs_float = [model.tok_embeddings(t.to(device)).float() for t in tokens.split(micro_batch)] if opts.asymmetric else None
     S = tokens.shape[1]
     rope = model.rope(0, S)
     stages = [[g] for g in _GROUPS] if opts.true_sequential else [list(_GROUPS)]
     result = {}
     bar = progress_bar(total=cfg.n_layers * len(_GROUPS), desc="GPTQ", unit="group", disable=not progress)
     for i, layer in enumerate(model.layers):
+        float_layer = copy.deepcopy(layer) if opts.asymmetric else None
         for groups in stages:
-            acc = {g: HessianAccumulator(layer.get_submodule(g[0]).in_features, device) for g in groups}
-            last = groups[-1]
-
-            def record(x, g, acc=acc, last=last):
-                acc[g].add(x)
-                if g is last:
-                    raise _Stop
-
-            handles = [_watch_input(layer.get_submodule(g[0]), lambda x, g=g: record(x, g)) for g in groups]
-            try:
-                for h in hs:
-                    try:
-                        layer(h, rope)
-                    except _Stop:
-                        pass
-            finally:
-                for hd in handles:
-                    hd.remove()
+            acc = {g: HessianAccumulator(layer.get_submodule(g[0]).in_features, device, opts.asymmetric)
+                   for g in groups}
+            for j, h in enumerate(hs):
+                xs = _group_inputs(layer, h, rope, groups)
+                xs_float = _group_inputs(float_layer, hs_float[j], rope, groups) if opts.asymmetric else {}
+                for g in groups:
+                    acc[g].add(xs[g], xs_float.get(g))
             for g in groups:
                 for name in g:
                     lin = layer.get_submodule(name)
-                    q, s = gptq_quantize(lin.weight.data, acc[g].h, opts)
+                    w = lin.weight.data
+                    if opts.asymmetric:
+                        w = asymmetric_target(w, acc[g].h, acc[g].cross, opts.damp)
+                    q, s = gptq_quantize(w, acc[g].h, opts)
                     lin.weight.data = dequantize(q, s).to(lin.weight.dtype)
                     result[f"layers.{i}.{name}"] = (q.cpu(), s.cpu())
                 bar.update(1)
         hs = [layer(h, rope) for h in hs]
+        if opts.asymmetric:
+            hs_float = [float_layer(h, rope) for h in hs_float]
     bar.close()
     model.to("cpu")
     return result
+
+
+def _group_inputs(layer: nn.Module, h: torch.Tensor, rope, groups) -> dict:
+    """{group: the input its linears' matmul sees} for one pass of `layer` on h, stopped after the last group."""
+    seen, last = {}, groups[-1]
+
+    def record(x, g):
+        seen[g] = x
+        if g is last:
+            raise _Stop
+
+    handles = [_watch_input(layer.get_submodule(g[0]), lambda x, g=g: record(x, g)) for g in groups]
+    try:
+        layer(h, rope)
+    except _Stop:
+        pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    return seen

@@ -105,6 +105,9 @@ class QLoRASettings:
     rotation: str = "hadamard"
     gptq_samples: int = 64  # rotation=hadamard|learned: training windows GPTQ calibrates on
     gptq_scale_search: bool = False  # rotation=hadamard|learned: GPTQ's group scales by quant.gptq.searched_group_scales
+    # rotation=hadamard|learned: GPTQ fits the float model's outputs (quant.gptq); on SmolLM2's Hadamard start
+    # it lowered KL to BF16 a little and raised perplexity on two texts (docs/qlora.md), so it is off here
+    gptq_asymmetric: bool = False
     checkpoint_every: int = 50
     autocast: bool | None = None
     recompute_activations: bool = True  # recompute each block's activations in the backward: less memory
@@ -303,7 +306,8 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     # would have produced it (same weights, data and settings up to that round).
     fp_data = _hash(weights_hash(model), data_id(src, s, inputs.seed), seq_len)
     fp_start = _hash(fp_data, s.rotation, s.gptq_samples if s.rotation != "none" else None,
-                     *(["scale_search"] if s.gptq_scale_search and s.rotation != "none" else []))
+                     *(["scale_search"] if s.gptq_scale_search and s.rotation != "none" else []),
+                     *(["asymmetric"] if s.gptq_asymmetric and s.rotation != "none" else []))
     user_data = src != sft_data.SELF_GENERATED
     rounds = [("qat", s.train_config(s.qat_steps, s.lr, inputs.seed, user_data, s.scale_lr))]
     if s.lora_steps > 0:
@@ -336,11 +340,12 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
         # before loading its state.
         if s.rotation == "hadamard":
             gptq = hadamard_gptq(model, windows.tokens[: s.gptq_samples, :seq_len], inputs.seed, str(device),
-                                 progress=s.progress, scale_search=s.gptq_scale_search)
+                                 progress=s.progress, scale_search=s.gptq_scale_search,
+                                 asymmetric=s.gptq_asymmetric)
         else:
             gptq = learned_gptq(model, windows.tokens[:, :seq_len], s.gptq_samples, work / "rotations",
                                 _hash(fp_start, "rotations"), inputs.seed, str(device), progress=s.progress,
-                                scale_search=s.gptq_scale_search)
+                                scale_search=s.gptq_scale_search, asymmetric=s.gptq_asymmetric)
         scales = {name: scale for name, (_, scale) in gptq.items()}
     qat.prepare(model, scales, learn_scales=s.scale_lr > 0 and s.qat_steps > 0)
     cfg = dict(rounds)["qat"]

@@ -460,5 +460,9 @@ def test_mixed_gptq_data_is_half_self_generated_and_kept_for_a_rerun(tiny96_hf, 
     shutil.rmtree(tmp_path / spinquant.RESULT)
     spinquant.quantize(build_model(ckpt, max_seq_len=64), run)
     assert torch.equal(seen[1], tokens)
+    shutil.rmtree(tmp_path / spinquant.RESULT)  # a GPTQ option alone changes: the same text, not written again
+    spinquant.quantize(build_model(ckpt, max_seq_len=64), inputs(tmp_path, tok, calibration, rotation="hadamard",
+                                                                 gptq_data="mixed", gptq_asymmetric="false"))
+    assert torch.equal(seen[2], tokens)
     with pytest.raises(PtekitError, match="gptq_data='text'; choose one of calibration, generated, mixed"):
         spinquant.settings_from(inputs(tmp_path, tok, calibration, gptq_data="text"))
