@@ -75,8 +75,10 @@ from quant import data, lora, qat, scheme, sft_data
 from quant.method import (
     MethodInputs,
     check_fingerprint,
+    native_bf16,
     option_values,
     pop_preset,
+    resolve_device,
     unreadable_work,
     update_with_weights,
 )
@@ -109,6 +111,8 @@ class QLoRASettings:
     # it lowered KL to BF16 a little and raised perplexity on two texts (docs/qlora.md), so it is off here
     gptq_asymmetric: bool = False
     checkpoint_every: int = 50
+    # bf16 autocast in training. None: where the device multiplies bf16 (quant.method.native_bf16); on a
+    # 2-core avx512_bf16 CPU a QAT step of SmolLM2 ran 1.49x faster than in fp32 (docs/qlora.md).
     autocast: bool | None = None
     recompute_activations: bool = True  # recompute each block's activations in the backward: less memory
     optimizer_state: str = "fp32"  # AdamW's moments in fp32, or bf16 (4 bytes a parameter less: quant/optim.py)
@@ -131,6 +135,8 @@ class QLoRASettings:
             values["qat_steps"] = values["lora_steps"] = inputs.steps
         values.update(option_values("qlora", cls, opts))
         s = cls(**values)
+        if s.autocast is None:  # decided here, so that the rounds' fingerprints record it
+            s = dataclasses.replace(s, autocast=native_bf16(resolve_device(inputs.device)))
         for key in ("rank", "seq_len", "micro_batch", "grad_accum"):
             if getattr(s, key) < 1:
                 raise PtekitError(f"qlora: {key} must be at least 1 (got {getattr(s, key)})")

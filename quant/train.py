@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from quant.method import load_state, resolve_device
+from quant.method import load_state, native_bf16, resolve_device
 from quant.sft_data import Windows
 
 STATE = "state.pt"
@@ -53,7 +53,7 @@ class TrainConfig:
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
     checkpoint_every: int = 50
-    autocast: bool | None = None  # None: bf16 autocast on CUDA devices that support bf16
+    autocast: bool | None = None  # None: bf16 autocast where the device multiplies bf16 (quant.method.native_bf16)
     recompute_activations: bool = True  # activation checkpointing per block: less memory, ~1/3 more compute
     optimizer_state: str = "fp32"  # AdamW's moments: fp32, or bf16 (quant/optim.py: 4 bytes a parameter less)
     scale_lr: float = 0.0  # the learning rate of train()'s step_sizes (quant.qat's learned group scales)
@@ -66,6 +66,8 @@ class TrainConfig:
         for key, default in (("optimizer_state", "fp32"), ("scale_lr", 0.0)):
             if d[key] == default:  # the fingerprint of a run from before the option existed
                 del d[key]
+        if d["autocast"] is False:  # what None meant on a CPU before the choice was made per device
+            d["autocast"] = None
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -106,9 +108,7 @@ def process_device(device: str, d: Dist) -> torch.device:
 def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.autocast is not None:
         return cfg.autocast
-    # On CPUs bf16 matmuls are no faster than fp32 unless the core has AMX, and fp32 keeps
-    # the CPU runs (the tests) bit-reproducible.
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return native_bf16(str(device))
 
 
 # --- batches -----------------------------------------------------------------------------------
