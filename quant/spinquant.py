@@ -592,5 +592,10 @@ def load_result(work: Path, fp: str):
 def memory_need(cfg, parameters: int, inputs) -> Need:
     """The quantize stage's peak, estimated from the shape (exporter/memory.py): the model in fp32 (4 bytes a
     parameter), with the folded and rotated copies the rotation training makes of each weight on top. On the
-    Llama 3.2 3B shape the rotation setup alone reached 21,199 MiB (6.9 bytes a parameter)."""
-    return Need("quantize (spinquant)", 7 * parameters + RUNTIME_FLOOR, "--method ptq, which needs no fp32 copy")
+    Llama 3.2 3B shape the rotation setup alone reached 21,199 MiB (6.9 bytes a parameter). GPTQ holds the
+    fp32 model and its calibration windows' hidden states, twice with asymmetric calibration (the float
+    model's beside the quantized one's)."""
+    s = settings_from(inputs)
+    hidden = (2 if s.gptq_asymmetric else 1) * s.gptq_samples * s.gptq_seq_len * cfg.dim * 4 if s.gptq else 0
+    return Need("quantize (spinquant)", max(7 * parameters, 4 * parameters + hidden) + RUNTIME_FLOOR,
+                "--method ptq, which needs no fp32 copy")

@@ -53,6 +53,14 @@ def test_estimates_for_the_llama32_shapes(tmp_path):
     assert 18_993_996 * 1024 < bf16_1b < 22 * GiB
     adapters = max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, qat_steps="0"))
     assert adapters < qat.bytes - 8 * 3 * 10**9
+    # spinquant's paper preset on 1B: GPTQ's 128 x 2048 calibration hidden states (2 GiB), twice with asymmetric
+    # calibration, on top of the fp32 model outgrow the rotation training's 7 bytes a parameter.
+    def spin(**o):
+        return next(n.bytes for n in needs("llama3.2-1b", "spinquant", tmp_path, preset="paper", **o)
+                    if n.stage == "quantize (spinquant)")
+    params = parameter_count(preset("llama3.2-1b"))
+    assert spin(gptq_asymmetric="false") == 7 * params + memory.RUNTIME_FLOOR
+    assert spin() == 4 * params + 2 * 128 * 2048 * 2048 * 4 + memory.RUNTIME_FLOOR > 7 * params + memory.RUNTIME_FLOOR
     # A longer KV cache is named as what to shorten when lowering is the larger need.
     long = memory.lowering_need(preset("llama3.2-1b"), 1_235_814_400, 131072)
     assert "--max-seq-len" in long.lower_it
