@@ -95,15 +95,23 @@ class GPTQOptions:
     asymmetric: bool = False
 
 
+def damped_hessian(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H with each dead input's (zero) diagonal set to 1 and damp x its mean diagonal added, the dead inputs):
+    GPTQ's damping, which keeps H invertible and each column's update small."""
+    h = h.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h += damp * torch.mean(torch.diagonal(h)) * torch.eye(h.shape[0], device=h.device)
+    return h, dead
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, opts: GPTQOptions = GPTQOptions(),
                   group_size: int = scheme.GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """w [rows, cols], h [cols, cols] -> (int8 integers [rows, cols], scales [rows, cols / group_size])."""
     rows, cols = w.shape
     w = w.clone().float()
-    h = h.clone().float()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
+    h, dead = damped_hessian(h, opts.damp)
     w[:, dead] = 0
     n_groups = cols // group_size
     scale_of = searched_group_scales if opts.scale_search else group_scales
@@ -114,7 +122,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, opts: GPTQOptions = GPTQOpti
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
         group_of = perm // group_size
-    h += opts.damp * torch.mean(torch.diagonal(h)) * torch.eye(cols, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     q = torch.zeros(rows, cols, device=w.device)
@@ -151,11 +158,7 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, dam
     GPTQ damps it). Since W' x is the least-squares projection of W x_f, sum |Q x - W x_f|^2 =
     sum |(Q - W') x|^2 + a constant, which is exactly what GPTQ minimises with target W' and Hessian H."""
     w = w.float()
-    h = h.float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    h += damp * torch.mean(torch.diagonal(h)) * torch.eye(h.shape[0], device=h.device)
-    return w + torch.linalg.solve(h, cross.float().t() @ w.t()).t()
+    return w + torch.linalg.solve(damped_hessian(h, damp)[0], cross.float().t() @ w.t()).t()
 
 
 class HessianAccumulator:
