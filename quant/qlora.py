@@ -79,7 +79,6 @@ from quant.method import (
     native_bf16,
     option_values,
     pop_preset,
-    resolve_device,
     unreadable_work,
     update_with_weights,
 )
@@ -137,8 +136,6 @@ class QLoRASettings:
             values["qat_steps"] = values["lora_steps"] = inputs.steps
         values.update(option_values("qlora", cls, opts))
         s = cls(**values)
-        if s.autocast is None:  # decided here, so that the rounds' fingerprints record it
-            s = dataclasses.replace(s, autocast=native_bf16(resolve_device(inputs.device)))
         for key in ("rank", "seq_len", "micro_batch", "grad_accum"):
             if getattr(s, key) < 1:
                 raise PtekitError(f"qlora: {key} must be at least 1 (got {getattr(s, key)})")
@@ -307,6 +304,8 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     work.mkdir(parents=True, exist_ok=True)
     d = init_distributed(inputs.device)
     device = process_device(inputs.device, d)
+    if s.autocast is None:  # decided for this device here, so that the rounds' fingerprints record it
+        s = dataclasses.replace(s, autocast=native_bf16(str(device)))
     seq_len = min(s.seq_len, model.config.max_seq_len)
     src = data_source(inputs)
 

@@ -692,6 +692,29 @@ def test_group_scales_train_at_their_own_rate(tmp_path):
                                             recompute_activations=False).fingerprint()
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_training_runs_under_bf16_autocast_where_the_device_multiplies_bf16(tmp_path, monkeypatch, native):
+    """autocast=None follows quant.method.native_bf16 (the rule spinquant's rotation training uses); an
+    explicit false keeps the fingerprint runs had when None meant fp32 on a CPU, true does not."""
+    from quant import train as train_module
+    from quant.train import Dist, TrainConfig, train
+
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    model = small_model(vocab=512)
+    tokens = torch.randint(0, 512, (2, 32))
+    seen = []
+
+    def objective(fwd, step, a):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return fwd(tokens).float().logsumexp(-1).mean(), {}, tokens.numel()
+
+    cfg = TrainConfig(steps=1, lr=1e-4, warmup_steps=0, micro_batch=1, grad_accum=1, recompute_activations=False)
+    train("t", model, list(model.parameters()), objective, cfg, tmp_path / "state.pt", "fp",
+          torch.device("cpu"), Dist(), progress=False)
+    assert seen == [native]
+    assert TrainConfig(autocast=False).fingerprint() == TrainConfig().fingerprint() != TrainConfig(autocast=True).fingerprint()
+
+
 def test_folding_the_adapter_scale_changes_no_output_and_drops_the_multiplication():
     from torch import nn
 
