@@ -362,18 +362,20 @@ TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "tr
                    "init_probe", "init_eval_batches", "bf16", "seed")
 
 
+# Options added after results were saved, with the value that reproduces what ran before them: at that value
+# the option stays out of the fingerprint, so older results keep theirs.
+OPTIONS_ADDED_LATER = {"scale_search": False, "gptq_data": "calibration", "gptq_asymmetric": False}
+
+
 def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str]:
     """(rotations, result): hashes of the weights, the calibration text and the settings each depends on."""
     h = update_with_weights(hashlib.sha256(), model)
     if calibration is not None:
         update_with_file(h, Path(calibration))
     settings = dataclasses.asdict(s)
-    if not settings["scale_search"]:  # -O scale_search=false: the fingerprint of a result from before the option
-        del settings["scale_search"]
-    if settings["gptq_data"] == "calibration":  # -O gptq_data=calibration: likewise, before the option
-        del settings["gptq_data"]
-    if not settings["gptq_asymmetric"]:  # likewise
-        del settings["gptq_asymmetric"]
+    for key, before in OPTIONS_ADDED_LATER.items():
+        if settings[key] == before:  # the fingerprint of a result from before the option existed
+            del settings[key]
     out = []
     for keys in (TRAINING_FIELDS, tuple(settings)):
         hk = h.copy()
