@@ -312,9 +312,10 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     # One fingerprint per round, chained: a round's checkpoint is reused only by a run that
     # would have produced it (same weights, data and settings up to that round).
     fp_data = _hash(weights_hash(model), data_id(src, s, inputs.seed), seq_len)
-    fp_start = _hash(fp_data, s.rotation, s.gptq_samples if s.rotation != "none" else None,
-                     *(["scale_search"] if s.gptq_scale_search and s.rotation != "none" else []),
-                     *(["asymmetric"] if s.gptq_asymmetric and s.rotation != "none" else []))
+    # GPTQ's options that came after starts were saved name themselves only when on, so those starts keep
+    # their fingerprint.
+    gptq_on = [name for name, on in (("scale_search", s.gptq_scale_search), ("asymmetric", s.gptq_asymmetric)) if on]
+    fp_start = _hash(fp_data, s.rotation, *((s.gptq_samples, *gptq_on) if s.rotation != "none" else (None,)))
     user_data = src != sft_data.SELF_GENERATED
     rounds = [("qat", s.train_config(s.qat_steps, s.lr, inputs.seed, user_data, s.scale_lr))]
     if s.lora_steps > 0:
