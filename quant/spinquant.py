@@ -484,7 +484,9 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     t1 = time.perf_counter()
     names = [f"layers.{i}.{n}" for i in range(model.config.n_layers) for n in rotation.LAYER_LINEARS]
     if s.gptq:
-        tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=s.gptq_samples, source=calibration)
+        # With gptq_data=mixed the calibration text need only hold the windows the generated ones leave.
+        needed = s.gptq_samples - (len(generated) if generated is not None else 0)
+        tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=needed, source=calibration)
         if generated is not None:  # the generated windows first, calibration windows for the rest
             tokens = torch.cat([generated, tokens])
         weights = gptq_model(model, tokens[: s.gptq_samples], s.gptq_options(), device)

@@ -466,3 +466,27 @@ def test_mixed_gptq_data_is_half_self_generated_and_kept_for_a_rerun(tiny96_hf, 
     assert torch.equal(seen[2], tokens)
     with pytest.raises(PtekitError, match="gptq_data='text'; choose one of calibration, generated, mixed"):
         spinquant.settings_from(inputs(tmp_path, tok, calibration, gptq_data="text"))
+
+
+def test_mixed_gptq_data_asks_the_calibration_text_only_for_its_half(tiny96_hf, tmp_path):
+    """gptq_data=mixed fills half of GPTQ's windows with the model's own text, so a calibration text with
+    half the windows is enough; gptq_data=calibration still needs them all, and says so in one line."""
+    from exporter.tokenizer import Tokenizer
+    from quant import data, spinquant
+
+    ckpt = load_checkpoint(tiny96_hf)
+    tok = Tokenizer(ckpt.tokenizer_path)
+    words = (SHARED_DATA / "wikitext-2-valid-tokens.txt").read_text(encoding="utf-8-sig").split()
+    short = tmp_path / "short.txt"
+    n = 40
+    while True:  # the fewest words that make 2 windows of 32 tokens (gptq_samples is 4)
+        short.write_text(" ".join(words[:n]))
+        if len(data.token_stream(short, tok)) // TINY_OPTIONS["gptq_seq_len"] >= 2:
+            break
+        n += 10
+    options = dict(rotation="hadamard", gptq_seq_len=TINY_OPTIONS["gptq_seq_len"])
+    spinquant.quantize(build_model(ckpt, max_seq_len=64), inputs(tmp_path / "mixed", tok, short, gptq_data="mixed",
+                                                                  **options))
+    with pytest.raises(PtekitError, match=r"short\.txt: .* make only [23] windows of 32, 4 are needed"):
+        spinquant.quantize(build_model(ckpt, max_seq_len=64),
+                           inputs(tmp_path / "calib", tok, short, gptq_data="calibration", **options))
