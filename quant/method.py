@@ -84,6 +84,12 @@ def option_value(method: str, key: str, value, annotation):
         raise PtekitError(f"{method}: option {key}={value!r} is not {'an' if kind == 'int' else 'a'} {kind}") from None
 
 
+def without_later_options(settings: dict, added_later: dict) -> dict:
+    """settings less each option added after results were saved, where it holds the value that reproduces
+    what ran before it existed: those results keep their fingerprint."""
+    return {k: v for k, v in settings.items() if not (k in added_later and v == added_later[k])}
+
+
 def native_bf16(device: str) -> bool:
     """Whether `device` (as resolve_device returns it) multiplies bf16 in hardware: a GPU with bf16, an
     x86 CPU with avx512_bf16 or AMX. Elsewhere PyTorch's bf16 GEMM converts as it goes: on an AVX2

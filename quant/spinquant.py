@@ -66,6 +66,7 @@ from quant.method import (
     resolve_device,
     unreadable_work,
     update_with_weights,
+    without_later_options,
 )
 from quant.ptq import apply_scheme
 
@@ -374,10 +375,7 @@ def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tup
     h = update_with_weights(hashlib.sha256(), model)
     if calibration is not None:
         update_with_file(h, Path(calibration))
-    settings = dataclasses.asdict(s)
-    for key, before in OPTIONS_ADDED_LATER.items():
-        if settings[key] == before:  # the fingerprint of a result from before the option existed
-            del settings[key]
+    settings = without_later_options(dataclasses.asdict(s), OPTIONS_ADDED_LATER)
     out = []
     for keys in (TRAINING_FIELDS, tuple(settings)):
         hk = h.copy()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from quant.method import load_state, native_bf16, resolve_device
+from quant.method import load_state, native_bf16, resolve_device, without_later_options
 from quant.sft_data import Windows
 
 STATE = "state.pt"
@@ -63,9 +63,7 @@ class TrainConfig:
         # How often to checkpoint and whether activations are recomputed do not change the result,
         # so a run may resume with other values.
         d = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "recompute_activations")}
-        for key, default in (("optimizer_state", "fp32"), ("scale_lr", 0.0)):
-            if d[key] == default:  # the fingerprint of a run from before the option existed
-                del d[key]
+        d = without_later_options(d, {"optimizer_state": "fp32", "scale_lr": 0.0})
         if d["autocast"] is False:  # what None meant on a CPU before the choice was made per device
             d["autocast"] = None
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -484,7 +484,7 @@ def test_mixed_gptq_data_asks_the_calibration_text_only_for_its_half(tiny96_hf, 
         if len(data.token_stream(short, tok)) // TINY_OPTIONS["gptq_seq_len"] >= 2:
             break
         n += 10
-    options = dict(rotation="hadamard", gptq_seq_len=TINY_OPTIONS["gptq_seq_len"])
+    options = dict(rotation="hadamard")
     spinquant.quantize(build_model(ckpt, max_seq_len=64), inputs(tmp_path / "mixed", tok, short, gptq_data="mixed",
                                                                   **options))
     with pytest.raises(PtekitError, match=r"short\.txt: .* make only [23] windows of 32, 4 are needed"):
