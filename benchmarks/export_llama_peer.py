@@ -5,7 +5,10 @@ ptekit's scheme: its closest is `-qmode 8da4w -G 32 -E 8,0`, which also puts the
 4-bit group 32 (ptekit: 8-bit per channel). Everything else (KV cache, custom SDPA, dynamic
 shapes, XNNPACK, fp32 activations, the same max_seq_len) is set to match.
 
-    python -m benchmarks.export_llama_peer CHECKPOINT OUT_DIR [--max-seq-len 512]
+    python -m benchmarks.export_llama_peer CHECKPOINT OUT_DIR [--max-seq-len 512] [--kv-cache int8]
+
+`--kv-cache int8` adds export_llama's `--quantize_kv_cache` (int8 per position and head, its quantized
+SDPA), the peer of `ptekit export --kv-cache int8`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def write_meta_layout(checkpoint: str, out: Path) -> Path:
     return out
 
 
-def export_llama(checkpoint: str, out_dir: Path, max_seq_len: int, bos_id: int, eos_ids: list[int]) -> dict:
+def export_llama(checkpoint: str, out_dir: Path, max_seq_len: int, bos_id: int, eos_ids: list[int],
+                 kv_cache: str = "fp32") -> dict:
     out_dir = Path(out_dir)
     meta = write_meta_layout(checkpoint, out_dir / "meta-layout")
     cmd = [sys.executable, "-m", "executorch.examples.models.llama.export_llama",
@@ -47,6 +51,7 @@ def export_llama(checkpoint: str, out_dir: Path, max_seq_len: int, bos_id: int, 
            "-kv", "--use_sdpa_with_kv_cache", "-X", "--xnnpack-extended-ops", "-d", "fp32",
            "-qmode", "8da4w", "-G", "32", "-E", "8,0",
            "--max_seq_length", str(max_seq_len), "--max_context_length", str(max_seq_len),
+           *(["--quantize_kv_cache"] if kv_cache == "int8" else []),
            "--metadata", json.dumps({"get_bos_id": bos_id, "get_eos_ids": eos_ids}),
            # export_llama resolves --output_name against the working directory, not --output-dir.
            "--output-dir", str(out_dir), "--output_name", str(out_dir.resolve() / "export_llama.pte")]
@@ -70,8 +75,9 @@ def main():
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--bos-id", type=int, default=1)
     ap.add_argument("--eos-ids", type=int, nargs="+", default=[2])
+    ap.add_argument("--kv-cache", choices=["fp32", "int8"], default="fp32")
     a = ap.parse_args()
-    print(json.dumps(export_llama(a.checkpoint, a.out_dir, a.max_seq_len, a.bos_id, a.eos_ids), indent=2))
+    print(json.dumps(export_llama(a.checkpoint, a.out_dir, a.max_seq_len, a.bos_id, a.eos_ids, a.kv_cache), indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ table gives the median over the other rounds [min-max] and each file's ratio to 
 
 --roofline also measures this machine's copy bandwidth and sets each file's decode against the bound it
 gives (benchmarks/roofline.py): the bytes a decoded token reads, all of the file but the embedding table
-plus the fp32 KV cache up to the mean decoded position, over the bandwidth. The shape comes from the
+plus the KV cache (fp32, or int8 where the manifest says so) up to the mean decoded position, over the
+bandwidth. The shape comes from the
 first file's export manifest (every file must be of that model).
 """
 
@@ -165,9 +166,10 @@ def roofline(ptes: list[Path], labels: list[str], results: dict, gen: int) -> di
     out = {"bandwidth": bw, "rows": []}
     for c, per in results.items():
         for label, pte in zip(labels, ptes, strict=True):
-            method = (read_manifest(pte.parent) or {}).get("method", "ptq")
-            bpt = bytes_per_token(pte.stat().st_size, sizes.embedding_bytes(cfg, method), kv_cache_bytes(cfg, 1, 4),
-                                  c + gen / 2)
+            own = read_manifest(pte.parent) or {}
+            method, kv = own.get("method", "ptq"), own.get("lowering", {}).get("kv_cache", "fp32")
+            bpt = bytes_per_token(pte.stat().st_size, sizes.embedding_bytes(cfg, method),
+                                  kv_cache_bytes(cfg, 1, kv_cache=kv), c + gen / 2)
             e = {"context": c, "file": label, **entry(label, per[label]["decode"]["median"], bpt, bw["bytes_per_s"])}
             out["rows"].append(e)
             print(f"| {c} | {label} | {bpt / 1e6:.1f} | {e['bound_tok_s']:.1f} | {e['decode_tok_s']:.2f} | "

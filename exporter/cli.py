@@ -69,6 +69,7 @@ def export(
     out: Path = typer.Option(..., "-o", "--out", help="Output directory: model.pte, the tokenizer, manifest.json."),
     method: str = typer.Option("ptq", "--method", "-m", help=METHOD_HELP),
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="KV cache length in the .pte (prompt + generated tokens)."),
+    kv_cache: str = typer.Option("fp32", "--kv-cache", help="KV cache in the .pte: fp32 (exact), or int8 (a scale and zero point per position and head; a quarter of the bytes for the attention to read, faster at long context, not exact: measure it with `ptekit eval` on the .pte). See BENCHMARKS.md."),
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
     calibration: Path | None = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. spinquant calibrates on it (default: WikiText-2's validation split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data). qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model; without it qlora distills on the model's own text."),
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
@@ -85,7 +86,7 @@ def export(
     set_quiet(quiet)
     log.setup(quiet)
     stages = Stages(quiet)
-    res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method,
+    res = run_export(checkpoint, out, method, max_seq_len=max_seq_len, eval_method=eval_method, kv_cache=kv_cache,
                      calibration=calibration, device=device, steps=steps, options=parse_options(option),
                      stage=stages, progress=not quiet, memory_check=memory_check)
     stages.done()

@@ -29,7 +29,13 @@ class LowerOptions:
     # can score the file itself. It shares the weights with forward (the .pte grows by a few KB)
     # but costs about half again the lowering time, so it is opt-in.
     eval_method: bool = False
+    # "int8": the KV cache as int8 per position and head, read by ExecuTorch's quantized attention. Not
+    # exact (keys, values and queries are rounded to 8 bits), so opt-in: `ptekit eval` measures its cost.
+    kv_cache: str = "fp32"
     progress: bool = False  # a bar per lowering phase on stderr
+
+
+KV_CACHES = ("fp32", "int8")
 
 
 def load_executorch_ops() -> None:
@@ -38,10 +44,10 @@ def load_executorch_ops() -> None:
     from executorch.kernels import quantized  # noqa: F401
 
 
-def prepare_for_export(model: Transformer, dtype: torch.dtype) -> Transformer:
+def prepare_for_export(model: Transformer, dtype: torch.dtype, kv_cache: str = "fp32") -> Transformer:
     model.last_logits_only = True
     fuse.fuse_qkv(model)
-    model.setup_caches(dtype)
+    model.setup_caches(dtype, kv_cache)
     # Every module with an ExecuTorch-only fast path (attention, the int8 embedding, online
     # Hadamard transforms) carries this flag.
     for m in model.modules():
@@ -79,7 +85,7 @@ def export_programs(model: Transformer, opts: LowerOptions, advance=lambda name:
     """torch.export of the cached forward: tokens [1, S] (S dynamic), input_pos [1]."""
     load_executorch_ops()
     advance("torch.export forward")
-    model = prepare_for_export(model, model_dtype(model))
+    model = prepare_for_export(model, model_dtype(model), opts.kv_cache)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     seq = torch.export.Dim("seq_len", min=1, max=opts.max_seq_len - 1)
     programs = {}

@@ -29,9 +29,13 @@ class Need:
     lower_it: str = ""  # what makes it smaller, as the user would type it; "" when nothing does
 
 
-def kv_cache_bytes(cfg: ModelConfig, positions: int, bytes_per_value: int = 4) -> int:
-    """K and V of every layer for `positions` positions (the exported model's cache is fp32)."""
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * positions * bytes_per_value
+def kv_cache_bytes(cfg: ModelConfig, positions: int, bytes_per_value: int = 4, kv_cache: str = "fp32") -> int:
+    """K and V of every layer for `positions` positions: fp32 (bytes_per_value for other float caches), or
+    `--kv-cache int8`'s one byte a value plus an fp32 scale and an int8 zero point per position and head."""
+    rows = 2 * cfg.n_layers * cfg.n_kv_heads * positions
+    if kv_cache == "int8":
+        return rows * (cfg.head_dim + 4 + 1)
+    return rows * cfg.head_dim * bytes_per_value
 
 
 def lowering_need(cfg: ModelConfig, parameters: int, max_seq_len: int) -> Need:

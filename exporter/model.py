@@ -2,7 +2,8 @@
 
 Grouped-query attention, RMSNorm, SwiGLU, RoPE with Llama 3 frequency scaling (Meta's
 interleaved-pair layout), tied or untied embeddings, and a static KV cache of layout
-[batch, max_seq_len, n_kv_heads, head_dim] (the layout ExecuTorch's cache ops use).
+[batch, max_seq_len, n_kv_heads, head_dim] (the layout ExecuTorch's cache ops use): fp32, or, for a
+.pte exported with `--kv-cache int8`, int8 with a scale and zero point per position and head.
 
 Two ways to call it:
 - forward(tokens): no cache, causal attention over the whole input; training and evaluation.
@@ -109,6 +110,13 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(ms) * self.weight
 
 
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] -> int8 values, fp32 scales and int8 zero points [..., 1]: asymmetric over each last-dim row."""
+    scales, zero_points = torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric.default(x, torch.int8)
+    xq = torch.ops.quantized_decomposed.quantize_per_token(x, scales, zero_points, -128, 127, torch.int8)
+    return xq, scales.to(torch.float32), zero_points.to(torch.int8)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -123,9 +131,20 @@ class Attention(nn.Module):
         self.register_buffer("rope_swap", None, persistent=False)  # Transformer.init_constants shares one
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
+        # The int8 cache's scales (fp32) and zero points (int8), [1, max_seq_len, n_kv_heads, 1].
+        for name in ("k_scales", "k_zero_points", "v_scales", "v_zero_points"):
+            self.register_buffer(name, None, persistent=False)
 
-    def setup_cache(self, max_seq_len: int, dtype: torch.dtype):
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, kv_cache: str = "fp32"):
+        """kv_cache "int8" (ExecuTorch's ops only): each position's key and value of each head as int8
+        with its own scale and zero point, a quarter of the fp32 cache's bytes for the attention to read."""
         shape = (1, max_seq_len, self.n_kv_heads, self.head_dim)
+        if kv_cache == "int8":
+            row = shape[:3] + (1,)
+            self.k_cache, self.v_cache = torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8)
+            self.k_scales, self.v_scales = torch.ones(row), torch.ones(row)
+            self.k_zero_points, self.v_zero_points = torch.zeros(row, dtype=torch.int8), torch.zeros(row, dtype=torch.int8)
+            return
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
 
@@ -137,6 +156,7 @@ class Attention(nn.Module):
     def forward(self, x, rope: RopeTables, start: int | None = None):
         # -1 for the sequence: XNNPACK delegates a reshape with one inferred dimension, not a symbolic one.
         B, S, D = x.shape[0], x.shape[1], self.head_dim
+        qkv = None
         if self.wqkv is None:
             q = self.wq(x).view(B, -1, self.n_heads, D)
             k = self.wk(x).view(B, -1, self.n_kv_heads, D)
@@ -153,11 +173,15 @@ class Attention(nn.Module):
 
         if start is None:
             y = self._attend(q, k, v, mask=None)
+        elif self.use_executorch_ops and self.k_cache.dtype == torch.int8:
+            y = self._attend_int8_cache(q, k, v, start, qkv)
         elif self.use_executorch_ops:
             torch.ops.llama.update_cache(k, self.k_cache, start)
             torch.ops.llama.update_cache(v, self.v_cache, start)
             y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True)
         else:
+            if self.k_cache.dtype == torch.int8:
+                raise NotImplementedError("the int8 KV cache runs only through ExecuTorch's ops (a lowered .pte)")
             end = start + S
             self.k_cache[:, start:end] = k
             self.v_cache[:, start:end] = v
@@ -166,6 +190,24 @@ class Attention(nn.Module):
             mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
             y = self._attend(q, self.k_cache[:, :end].type_as(q), self.v_cache[:, :end].type_as(q), mask)
         return self.wo(y.reshape(B, -1, self.n_heads * self.head_dim))
+
+    def _attend_int8_cache(self, q, k, v, start, qkv=None):
+        """ExecuTorch's quantized attention: k and v quantized per position and head into the int8 cache,
+        q the same way (the kernel multiplies int8 by int8), the output fp32. The ops and argument order
+        are those of executorch's own int8 cache (examples/models/llama/source_transformation)."""
+        if qkv is None:
+            (qq, qs, qz), (kq, ks, kz), (vq, vs, vz) = (quantize_per_token_int8(t) for t in (q, k, v))
+        else:
+            # The fused projection's output quantized once, then split: its rows are the same (position,
+            # head) rows, and each of the three ops per tensor runs outside XNNPACK on every decoded token.
+            heads = [self.n_heads, self.n_kv_heads, self.n_kv_heads]
+            (qq, kq, vq), (qs, ks, vs), (qz, kz, vz) = (t.split(heads, dim=2) for t in quantize_per_token_int8(qkv))
+        for x, cache in ((kq, self.k_cache), (ks, self.k_scales), (kz, self.k_zero_points),
+                         (vq, self.v_cache), (vs, self.v_scales), (vz, self.v_zero_points)):
+            torch.ops.llama.update_cache(x, cache, start)
+        return torch.ops.llama.custom_quantized_sdpa(
+            qq, self.k_cache, self.v_cache, start, None, 0, True, None,
+            qz, qs, self.k_zero_points, self.k_scales, self.v_zero_points, self.v_scales)
 
     def _attend(self, q, k, v, mask):
         """q [B, S, H, D], k and v [B, T, Hkv, D] -> [B, S, H, D]."""
@@ -249,9 +291,9 @@ class Transformer(nn.Module):
         return rope_tables(self.freqs_cos.narrow(0, start, length), self.freqs_sin.narrow(0, start, length),
                            self.rope_qkv_heads if fused else None)
 
-    def setup_caches(self, dtype: torch.dtype = torch.float32):
+    def setup_caches(self, dtype: torch.dtype = torch.float32, kv_cache: str = "fp32"):
         for layer in self.layers:
-            layer.attention.setup_cache(self.config.max_seq_len, dtype)
+            layer.attention.setup_cache(self.config.max_seq_len, dtype, kv_cache)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         S = tokens.shape[1]

@@ -20,7 +20,7 @@ from exporter.atomic import atomic_dir, ensure_writable_dir
 from exporter.checkpoint import Checkpoint, build_model, load_checkpoint
 from exporter.defaults import resolve_checkpoint_arg
 from exporter.errors import PtekitError
-from exporter.lower import LowerOptions, lower, write_pte
+from exporter.lower import KV_CACHES, LowerOptions, lower, write_pte
 from exporter.tokenizer import Tokenizer
 from quant import registry
 from quant.method import MethodInputs
@@ -75,9 +75,10 @@ def memory_needs(cfg, parameters: int, method: str, inputs: MethodInputs, lowere
 def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int = 2048, eval_method: bool = False,
            calibration: Path | None = None, device: str = "auto", steps: int | None = None, options: dict | None = None,
            stage=lambda name: None, progress: bool = False, on_phase=lambda name: None,
-           memory_check: bool = True) -> ExportResult:
+           memory_check: bool = True, kv_cache: str = "fp32") -> ExportResult:
     """stage(name): called as each step starts (the CLI prints them); on_phase(name): called as each
     step and each lowering phase starts (for measurements that need the finer split)."""
+    check_kv_cache(kv_cache, method)
     # Not created yet: the directory appears at the end, whole, with every file in it.
     out_dir = ensure_writable_dir(Path(out_dir), create=False)
     seconds = {}
@@ -99,7 +100,7 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
     t1 = time.perf_counter()
     eos = ckpt.stop_ids(tok.eos_ids)
     opts = LowerOptions(max_seq_len=max_seq_len, bos_id=tok.bos_id, eos_ids=eos, eval_method=eval_method,
-                        progress=progress)
+                        kv_cache=kv_cache, progress=progress)
     program, delegation = lower(model, opts, on_phase)
     del model  # the program holds the quantized weights now, packed for XNNPACK
     seconds["lower"] = round(time.perf_counter() - t1, 2)
@@ -132,12 +133,22 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
             "model": {**ckpt.config.to_dict(), "max_seq_len": max_seq_len,
                       "parameters": ckpt.parameters},
             "lowering": {"backend": "XNNPACK", "methods": ["forward"] + (["forward_all_logits"] if eval_method else []),
-                         **delegation, "bos_id": opts.bos_id, "eos_ids": list(opts.eos_ids)},
+                         **delegation, "bos_id": opts.bos_id, "eos_ids": list(opts.eos_ids),
+                         "kv_cache": kv_cache},
             "seconds": seconds,
             "tools": manifest.tool_versions(),
         }
         manifest.write_manifest(stage_dir, record)
     return ExportResult(out_dir, out_dir / PTE_NAME, record, seconds)
+
+
+def check_kv_cache(kv_cache: str, method: str) -> None:
+    """Before any weight is read: a cache layout the lowering knows, and one the method's activations fit."""
+    if kv_cache not in KV_CACHES:
+        raise PtekitError(f"--kv-cache {kv_cache}: not a cache layout; choose one of {', '.join(KV_CACHES)}")
+    if kv_cache == "int8" and method == "bf16":
+        raise PtekitError("--kv-cache int8: the bf16 method's .pte computes in bf16, and ExecuTorch's int8 "
+                          "attention takes fp32 activations; export bf16 with --kv-cache fp32")
 
 
 def _export_file_names(out_dir: Path) -> set[str]:
