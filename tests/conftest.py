@@ -165,6 +165,12 @@ def tiny_ptq_pte(tiny_hf) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_kv8_pte(tiny_hf) -> Path:
+    """tiny_ptq_pte's model exported with --kv-cache int8."""
+    return exported("tiny-ptq-kv8", tiny_hf, "ptq", max_seq_len=256, eval_method=True, kv_cache="int8")
+
+
+@pytest.fixture(scope="session")
 def smollm2_ptq_pte(smollm2_hf) -> Path:
     """The embedded default model, ptq, exported as a user would (the default flags but a 512-token
     cache; several minutes, cached)."""

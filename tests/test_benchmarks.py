@@ -166,3 +166,18 @@ def test_rss_stages_split_the_runners_memory(tiny_ptq_pte):
     # Loading the model adds memory: its pages or the delegate's packed weights.
     grew = sum(float(row.split("|")[5]) + float(row.split("|")[6]) for row in rows[1:])
     assert grew > 1, r.stdout
+
+
+def test_pte_distance_sets_one_file_against_another(tiny_ptq_pte, tiny_kv8_pte):
+    """pte_distance runs both files through ExecuTorch's runtime on real text: a file against itself is
+    at KL 0 and full agreement; the int8 cache's file is near the fp32 cache's but not at it."""
+    def run(a, b):
+        r = subprocess.run([sys.executable, "-m", "benchmarks.tools.pte_distance", str(a), str(b), "--seq-len", "128",
+                            "--max-tokens", "512"], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout[r.stdout.index("{"):])
+
+    same = run(tiny_ptq_pte, tiny_ptq_pte)
+    assert same["windows"] == 4 and same["kl_a_b"]["mean"] == 0 and same["top1_agreement"]["mean"] == 1
+    kv8 = run(tiny_ptq_pte, tiny_kv8_pte)
+    assert 0 < kv8["kl_a_b"]["mean"] < 0.01 and kv8["top1_agreement"]["mean"] > 0.85

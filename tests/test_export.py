@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import exported, relowered_unfused, relowered_with_every_xnnpack_pass, same_logits
+from conftest import relowered_unfused, relowered_with_every_xnnpack_pass, same_logits
 from exporter.checkpoint import build_model, load_checkpoint
 from exporter.pipeline import export
 from exporter.runtime import PteModel
@@ -64,11 +64,6 @@ def test_pte_logits_match_eager_quantized_model(tiny_hf, tiny_ptq_pte):
     # on AVX2-only x86 they round the int8 products differently (0.5% of the logit range measured).
     torch.testing.assert_close(step, ours[-1], atol=1e-2 * span, rtol=0)
     assert step.argmax() == ours[-1].argmax()
-
-
-@pytest.fixture(scope="module")
-def tiny_kv8_pte(tiny_hf) -> Path:
-    return exported("tiny-ptq-kv8", tiny_hf, "ptq", max_seq_len=256, eval_method=True, kv_cache="int8")
 
 
 def test_int8_kv_cache_stays_close_to_the_fp32_cache(tiny_kv8_pte, tiny_ptq_pte):
