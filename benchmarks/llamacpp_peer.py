@@ -37,6 +37,36 @@ def _vm(field: str) -> float:
     return 0.0
 
 
+def amx_cpu() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and " amx_int8" in cpuinfo.read_text()
+
+
+def load_llama(gguf, **kw):
+    """llama_cpp.Llama(model_path=gguf, **kw). On a CPU with AMX, without llama.cpp's extra weight buffer
+    types: the native build compiles in its AMX buffer type, and on a 2-core Xeon VM with AMX
+    llama_decode crashed (SIGSEGV) with it and ran without it. llama-cpp-python has no argument for
+    the setting, so its default model parameters are swapped for the one call."""
+    import llama_cpp
+
+    if not amx_cpu():
+        return llama_cpp.Llama(model_path=str(gguf), **kw)
+    import llama_cpp.llama_cpp as api
+
+    default = api.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    api.llama_model_default_params = without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(model_path=str(gguf), **kw)
+    finally:
+        api.llama_model_default_params = default
+
+
 def measure_once(gguf: str, prompt: str, prompt_len: int, gen: int, threads: int, n_ctx: int) -> dict:
     """One run in this process (call it in a fresh one)."""
     import llama_cpp
@@ -44,8 +74,8 @@ def measure_once(gguf: str, prompt: str, prompt_len: int, gen: int, threads: int
 
     rss_before = _vm("VmRSS")
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                          n_batch=max(prompt_len, 64), verbose=False, logits_all=False)
+    llm = load_llama(gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=max(prompt_len, 64),
+                     verbose=False, logits_all=False)
     load_s = time.perf_counter() - t0
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
     if len(ids) < prompt_len:
@@ -72,7 +102,8 @@ def measure_once(gguf: str, prompt: str, prompt_len: int, gen: int, threads: int
     return {"prompt_tokens": len(ids), "generated_tokens": len(out), "model_load_s": round(load_s, 3),
             "ttft_s": round(t2 - t1, 4), "prefill_tok_s": round(len(ids) / (t2 - t1), 2),
             "decode_tok_s": round((gen - 1) / (t3 - t2), 2), "peak_rss_mib": round(_vm("VmHWM"), 1),
-            "rss_before_model_load_mib": round(rss_before, 1), "text": llm.detokenize(out).decode(errors="replace")}
+            "rss_before_model_load_mib": round(rss_before, 1), "extra_buffer_types": not amx_cpu(),
+            "text": llm.detokenize(out).decode(errors="replace")}
 
 
 def bench(gguf: Path, prompt: str, prompt_len: int = 64, gen: int = 128, runs: int = 3, warmup: int = 1,

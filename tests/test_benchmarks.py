@@ -119,7 +119,7 @@ def test_llamacpp_peer_measures_the_embedded_gguf():
     """The llama.cpp peer on the real GGUF, when llama-cpp-python is installed (it builds from
     source in minutes, so bootstrap leaves it out and CI skips this). Its greedy tokens are
     llama.cpp's own greedy generation of the same prompt."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     import itertools
 
     from benchmarks import llamacpp_peer
@@ -133,7 +133,7 @@ def test_llamacpp_peer_measures_the_embedded_gguf():
     assert run["prompt_tokens"] == 16 and run["generated_tokens"] == 6
     assert run["decode_tok_s"] > 0 and run["prefill_tok_s"] > 0
     assert run["peak_rss_mib"] > run["rss_before_model_load_mib"] + 50  # the 98 MB model was loaded
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, n_threads=1, verbose=False)
+    llm = llamacpp_peer.load_llama(gguf, n_ctx=64, n_threads=1, verbose=False)
     ids = llm.tokenize(text.encode(), add_bos=False, special=False)[:16]
     want = list(itertools.islice(llm.generate(ids, temp=0.0), 6))
     assert run["text"] == llm.detokenize(want).decode(errors="replace")
