@@ -25,6 +25,7 @@ import torch
 
 from exporter.checkpoint import load_checkpoint
 from exporter.defaults import resolve_checkpoint_arg
+from exporter.lower import KV_CACHES
 
 
 def write_meta_layout(checkpoint: str, out: Path) -> Path:
@@ -75,7 +76,7 @@ def main():
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--bos-id", type=int, default=1)
     ap.add_argument("--eos-ids", type=int, nargs="+", default=[2])
-    ap.add_argument("--kv-cache", choices=["fp32", "int8"], default="fp32")
+    ap.add_argument("--kv-cache", choices=KV_CACHES, default="fp32")
     a = ap.parse_args()
     print(json.dumps(export_llama(a.checkpoint, a.out_dir, a.max_seq_len, a.bos_id, a.eos_ids, a.kv_cache), indent=2))
 

@@ -169,7 +169,7 @@ def roofline(ptes: list[Path], labels: list[str], results: dict, gen: int) -> di
             own = read_manifest(pte.parent) or {}
             method, kv = own.get("method", "ptq"), own.get("lowering", {}).get("kv_cache", "fp32")
             bpt = bytes_per_token(pte.stat().st_size, sizes.embedding_bytes(cfg, method),
-                                  kv_cache_bytes(cfg, 1, kv_cache=kv), c + gen / 2)
+                                  kv_cache_bytes(cfg, 1, kv), c + gen / 2)
             e = {"context": c, "file": label, **entry(label, per[label]["decode"]["median"], bpt, bw["bytes_per_s"])}
             out["rows"].append(e)
             print(f"| {c} | {label} | {bpt / 1e6:.1f} | {e['bound_tok_s']:.1f} | {e['decode_tok_s']:.2f} | "

@@ -120,7 +120,7 @@ def roofline_rows(record: dict) -> list[dict]:
     bw = record["bandwidth"]["bytes_per_s"]
     opts = record["options"]
     mean_pos = opts["prompt_len"] + opts["gen"] / 2
-    kv32 = kv_cache_bytes(cfg, 1, 4)
+    kv32 = kv_cache_bytes(cfg, 1)
     rows = []
     for method, e in record["methods"].items():
         bpt = bytes_per_token(e["export"]["pte_bytes"], sizes.embedding_bytes(cfg, method), kv32, mean_pos)
@@ -134,7 +134,7 @@ def roofline_rows(record: dict) -> list[dict]:
         parts = lc["parts"]
         # Tied weights: llama.cpp's classifier reads token_embd itself, so the whole table is traffic.
         embd = parts["token_embd_bytes"] if parts["has_output_weight"] else 0
-        bpt = bytes_per_token(parts["tensor_bytes"], embd, kv_cache_bytes(cfg, 1, 2), mean_pos)
+        bpt = bytes_per_token(parts["tensor_bytes"], embd, kv_cache_bytes(cfg, 1, "fp16"), mean_pos)
         rows.append(entry("llama.cpp", _med(lc, "decode_tok_s"), bpt, bw))
     return rows
 

@@ -29,13 +29,14 @@ class Need:
     lower_it: str = ""  # what makes it smaller, as the user would type it; "" when nothing does
 
 
-def kv_cache_bytes(cfg: ModelConfig, positions: int, bytes_per_value: int = 4, kv_cache: str = "fp32") -> int:
-    """K and V of every layer for `positions` positions: fp32 (bytes_per_value for other float caches), or
-    `--kv-cache int8`'s one byte a value plus an fp32 scale and an int8 zero point per position and head."""
-    rows = 2 * cfg.n_layers * cfg.n_kv_heads * positions
-    if kv_cache == "int8":
-        return rows * (cfg.head_dim + 4 + 1)
-    return rows * cfg.head_dim * bytes_per_value
+# Bytes a (position, head) row of K or V takes in each cache layout, for head_dim values: `--kv-cache`'s
+# fp32 and int8 (one byte a value plus an fp32 scale and an int8 zero point), and llama.cpp's fp16.
+KV_ROW_BYTES = {"fp32": lambda d: 4 * d, "fp16": lambda d: 2 * d, "int8": lambda d: d + 4 + 1}
+
+
+def kv_cache_bytes(cfg: ModelConfig, positions: int, kv_cache: str = "fp32") -> int:
+    """K and V of every layer for `positions` positions, in the cache layout `kv_cache`."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * positions * KV_ROW_BYTES[kv_cache](cfg.head_dim)
 
 
 def lowering_need(cfg: ModelConfig, parameters: int, max_seq_len: int) -> Need:

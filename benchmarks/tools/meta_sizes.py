@@ -29,7 +29,7 @@ def computed(shape: str = "llama3.2-1b") -> dict:
     c = preset(shape)
     out = {"config": c.to_dict(), "parameters": sizes.parameter_count(c),
            "block_linear_parameters": sizes.block_linear_params(c), "lora_parameters": sizes.lora_params(c, LORA_RANK),
-           "kv_cache_bytes_full": kv_cache_bytes(c, MAX_SEQ_LEN, 4)}
+           "kv_cache_bytes_full": kv_cache_bytes(c, MAX_SEQ_LEN)}
     for name, scale_bytes in (("ptekit", 2), ("fp32_group_scales", 4)):
         out[name] = {
             "spinquant": sizes.computed_parts(c, "ptq", MAX_SEQ_LEN, scale_bytes).as_dict(),
