@@ -14,9 +14,10 @@ table gives the median over the other rounds [min-max] and each file's ratio to 
 
 --roofline also measures this machine's copy bandwidth and sets each file's decode against the bound it
 gives (benchmarks/roofline.py): the bytes a decoded token reads, all of the file but the embedding table
-plus the KV cache (fp32, or int8 where the manifest says so) up to the mean decoded position, over the
-bandwidth. The shape comes from the
-first file's export manifest (every file must be of that model).
+plus the KV cache up to the mean decoded position, over the bandwidth. Each file's cache bytes per
+position are read from its own program (benchmarks/roofline.kv_bytes_per_position), so an int8 cache
+counts as int8 in export_llama's file too. The shape comes from the first file's export manifest
+(every file must be of that model).
 """
 
 from __future__ import annotations
@@ -149,16 +150,16 @@ def main(argv=None) -> int:
 def roofline(ptes: list[Path], labels: list[str], results: dict, gen: int) -> dict:
     """Prints and returns each file's decode against the memory-bandwidth bound, per context."""
     from benchmarks import sizes
-    from benchmarks.roofline import bytes_per_token, entry, measure_bandwidth
+    from benchmarks.roofline import bytes_per_token, entry, kv_bytes_per_position, measure_bandwidth
     from exporter.config import ModelConfig
     from exporter.manifest import read_manifest
-    from exporter.memory import kv_cache_bytes
 
     man = read_manifest(ptes[0].parent)
     if not man or "model" not in man:
         raise SystemExit(f"--roofline: {ptes[0].parent} has no export manifest to read the model's shape from")
     shape = {k: v for k, v in man["model"].items() if k != "parameters"}
     cfg = ModelConfig.from_dict(shape)
+    kv_rows = {pte: kv_bytes_per_position(pte, cfg.n_kv_heads) for pte in ptes}
     bw = measure_bandwidth()
     print(f"\nroofline: {bw['gb_per_s']} GB/s ({bw['method']}, {bw['threads']} threads)")
     print("| context | file | MB read per token | bound (tok/s) | decode (tok/s) | share of the bound |")
@@ -166,10 +167,8 @@ def roofline(ptes: list[Path], labels: list[str], results: dict, gen: int) -> di
     out = {"bandwidth": bw, "rows": []}
     for c, per in results.items():
         for label, pte in zip(labels, ptes, strict=True):
-            own = read_manifest(pte.parent) or {}
-            method, kv = own.get("method", "ptq"), own.get("lowering", {}).get("kv_cache", "fp32")
-            bpt = bytes_per_token(pte.stat().st_size, sizes.embedding_bytes(cfg, method),
-                                  kv_cache_bytes(cfg, 1, kv), c + gen / 2)
+            method = (read_manifest(pte.parent) or {}).get("method", "ptq")
+            bpt = bytes_per_token(pte.stat().st_size, sizes.embedding_bytes(cfg, method), kv_rows[pte], c + gen / 2)
             e = {"context": c, "file": label, **entry(label, per[label]["decode"]["median"], bpt, bw["bytes_per_s"])}
             out["rows"].append(e)
             print(f"| {c} | {label} | {bpt / 1e6:.1f} | {e['bound_tok_s']:.1f} | {e['decode_tok_s']:.2f} | "

@@ -10,8 +10,12 @@ traffic, not arithmetic, sets the limit: tokens/s <= bandwidth / bytes per token
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
+
+# Bytes per element of the ExecuTorch schema's scalar types a KV cache can hold.
+_ELEMENT_BYTES = {"CHAR": 1, "BYTE": 1, "HALF": 2, "BFLOAT16": 2, "FLOAT": 4, "DOUBLE": 8}
 
 
 def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
@@ -34,6 +38,32 @@ def bytes_per_token(weight_file_bytes: int, embedding_bytes: int, kv_bytes_per_p
     """Weights touched per decoded token plus the KV cache read at `position` (the mean position of
     the decoded tokens)."""
     return int(weight_file_bytes - embedding_bytes + kv_bytes_per_position * position)
+
+
+def kv_bytes_per_position(pte: Path, n_kv_heads: int) -> int:
+    """Bytes one position of the file's KV cache holds, read from the program itself, so that it holds for
+    a file without a ptekit manifest (export_llama's) and for every cache layout. ExecuTorch plans the
+    cache as mutable buffers of shape [1, max_context_len, n_kv_heads, ...]: K and V of each layer, and
+    for an int8 cache their scales and zero points beside them. Activations never span max_context_len
+    positions (a prompt holds at most max_context_len - 1), so the shape picks out the cache."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes()).program
+    plans = {plan.name: plan for plan in program.execution_plan}
+    meta = plans.get("get_max_context_len") or plans.get("get_max_seq_len")
+    if "forward" not in plans or meta is None:
+        raise ValueError(f"{pte}: not an LLM .pte (no forward method or no get_max_context_len)")
+    positions = meta.values[0].val.int_val
+    total = 0
+    for value in plans["forward"].values:
+        t = value.val
+        if type(t).__name__ != "Tensor" or t.allocation_info is None or len(t.sizes) != 4:
+            continue
+        if t.sizes[0] == 1 and t.sizes[1] == positions and t.sizes[2] == n_kv_heads:
+            total += _ELEMENT_BYTES[t.scalar_type.name] * t.sizes[2] * t.sizes[3]
+    if total == 0:
+        raise ValueError(f"{pte}: no KV cache of {positions} positions and {n_kv_heads} KV heads in its forward method")
+    return total
 
 
 def bound(bytes_per_token_: int, bandwidth_bytes_per_s: float) -> float:

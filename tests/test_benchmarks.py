@@ -181,3 +181,18 @@ def test_pte_distance_sets_one_file_against_another(tiny_ptq_pte, tiny_kv8_pte):
     assert same["windows"] == 4 and same["kl_a_b"]["mean"] == 0 and same["top1_agreement"]["mean"] == 1
     kv8 = run(tiny_ptq_pte, tiny_kv8_pte)
     assert 0 < kv8["kl_a_b"]["mean"] < 0.01 and kv8["top1_agreement"]["mean"] > 0.85
+
+
+def test_roofline_reads_each_files_kv_cache_from_its_program(tiny_ptq_pte, tiny_kv8_pte):
+    """The roofline's cache bytes come from the .pte's own planned buffers (export_llama's files carry no
+    manifest): the fp32 and the int8 file's buffers give what the cache layouts' arithmetic says."""
+    from benchmarks.roofline import kv_bytes_per_position
+    from exporter.config import ModelConfig
+    from exporter.manifest import read_manifest
+    from exporter.memory import kv_cache_bytes
+
+    shape = read_manifest(tiny_ptq_pte.parent)["model"]
+    cfg = ModelConfig.from_dict({k: v for k, v in shape.items() if k != "parameters"})
+    fp32, int8 = (kv_bytes_per_position(p, cfg.n_kv_heads) for p in (tiny_ptq_pte, tiny_kv8_pte))
+    assert fp32 == kv_cache_bytes(cfg, 1, "fp32") and int8 == kv_cache_bytes(cfg, 1, "int8")
+    assert int8 < fp32 / 3
