@@ -39,8 +39,8 @@ def kv_cache_bytes(cfg: ModelConfig, positions: int, kv_cache: str = "fp32") -> 
     return 2 * cfg.n_layers * cfg.n_kv_heads * positions * KV_ROW_BYTES[kv_cache](cfg.head_dim)
 
 
-def lowering_need(cfg: ModelConfig, parameters: int, max_seq_len: int) -> Need:
-    return Need("lower to XNNPACK", int(LOWER_BYTES_PER_PARAMETER * parameters) + kv_cache_bytes(cfg, max_seq_len)
+def lowering_need(cfg: ModelConfig, parameters: int, max_seq_len: int, kv_cache: str = "fp32") -> Need:
+    return Need("lower to XNNPACK", int(LOWER_BYTES_PER_PARAMETER * parameters) + kv_cache_bytes(cfg, max_seq_len, kv_cache)
                 + RUNTIME_FLOOR, "--max-seq-len (the KV cache)" if max_seq_len > 2048 else "")
 
 

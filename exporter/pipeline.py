@@ -37,11 +37,11 @@ class ExportResult:
 
 
 def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[Tokenizer | None], MethodInputs],
-                    max_seq_len: int, stage=lambda name: None, memory_check: bool = True, lowered: bool = False):
+                    max_seq_len: int, stage=lambda name: None, memory_check: bool = True, lowered: str | None = None):
     """Loads the checkpoint and applies the method: (Checkpoint, tokenizer, quantized model).
     memory_check: first estimate the peak memory from the checkpoint's shape and refuse, with what
-    would lower it, when this machine does not have it (exporter/memory.py); lowered: the model is
-    lowered afterwards, so lowering's need counts too."""
+    would lower it, when this machine does not have it (exporter/memory.py); lowered: the KV cache
+    layout (--kv-cache) of the lowering that follows, whose need counts too; None: not lowered."""
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise PtekitError(f"--max-seq-len {max_seq_len}: the KV cache needs at least 2 positions (prompt + one token)")
     spec = registry.get(method)
@@ -64,9 +64,10 @@ def load_for_method(checkpoint: str | Path, method: str, inputs_for: Callable[[T
     return ckpt, tok, model
 
 
-def memory_needs(cfg, parameters: int, method: str, inputs: MethodInputs, lowered: bool) -> list[memory.Need]:
-    """What the method needs (its module's memory_need, when it has one), and lowering's when `lowered`."""
-    needs = [memory.lowering_need(cfg, parameters, cfg.max_seq_len)] if lowered else []
+def memory_needs(cfg, parameters: int, method: str, inputs: MethodInputs, lowered: str | None) -> list[memory.Need]:
+    """What the method needs (its module's memory_need, when it has one), and lowering's, with a KV cache
+    of layout `lowered`, unless it is None."""
+    needs = [memory.lowering_need(cfg, parameters, cfg.max_seq_len, lowered)] if lowered else []
     if (method_need := registry.get(method).memory_need()) is not None:
         needs.append(method_need(cfg, parameters, inputs))
     return needs
@@ -93,7 +94,7 @@ def export(checkpoint: str | Path, out_dir: Path, method: str, max_seq_len: int 
         on_phase(name)
 
     ckpt, tok, model = load_for_method(checkpoint, method, inputs_for, max_seq_len, both, memory_check,
-                                       lowered=True)
+                                       lowered=kv_cache)
     seconds["load_and_quantize"] = round(time.perf_counter() - t0, 2)
 
     stage("lower to XNNPACK")

@@ -17,12 +17,13 @@ from quant.method import MethodInputs
 GiB = 2**30
 
 
-def needs(cfg_name: str, method: str, tmp_path, max_seq_len: int = 2048, **options) -> list[memory.Need]:
+def needs(cfg_name: str, method: str, tmp_path, max_seq_len: int = 2048, kv_cache: str = "fp32",
+          **options) -> list[memory.Need]:
     from exporter.pipeline import memory_needs
 
     cfg = preset(cfg_name).replace(max_seq_len=max_seq_len)
     inputs = MethodInputs(work_dir=tmp_path, device="cpu", options=options)
-    return memory_needs(cfg, parameter_count(cfg), method, inputs, lowered=True)
+    return memory_needs(cfg, parameter_count(cfg), method, inputs, lowered=kv_cache)
 
 
 def test_check_names_stage_need_available_and_what_lowers_it():
@@ -64,6 +65,11 @@ def test_estimates_for_the_llama32_shapes(tmp_path):
     # A longer KV cache is named as what to shorten when lowering is the larger need.
     long = memory.lowering_need(preset("llama3.2-1b"), 1_235_814_400, 131072)
     assert "--max-seq-len" in long.lower_it
+    # An int8 cache (--kv-cache int8) is counted at its own bytes: 1B's 131,072 positions hold
+    # 16 layers x 2 x 8 heads x (64 int8 values + an fp32 scale + an int8 zero point) a position less.
+    lower = {kv: next(n.bytes for n in needs("llama3.2-1b", "ptq", tmp_path, max_seq_len=131072, kv_cache=kv)
+                      if n.stage == "lower to XNNPACK") for kv in ("fp32", "int8")}
+    assert lower["fp32"] - lower["int8"] == 131072 * 16 * 2 * 8 * (64 * 4 - (64 + 4 + 1))
 
 
 def test_export_refuses_before_reading_weights(tiny_hf, tmp_path, monkeypatch):
