@@ -12,6 +12,7 @@ token is the argmax of the prefill's logits); decode tok/s = gen / decode time; 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ def _vm(field: str) -> float:
     return 0.0
 
 
+@functools.cache  # read once a process: the load and the run's record both ask
 def amx_cpu() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
     return cpuinfo.exists() and " amx_int8" in cpuinfo.read_text()
