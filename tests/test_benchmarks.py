@@ -154,6 +154,12 @@ def test_decode_profile_sums_the_runtimes_own_events(tiny_ptq_pte):
     assert r["ms_outside_operators"] >= -0.01 * ms["Method::execute"]
     assert r["decode_tok_s_wall"] > 0
     assert r["xnnpack_operators_per_token"] > 0  # the delegate's operators, counted from their events
+    # --prefill: the events of whole prompts, under their own key, the parts inside the method's time.
+    (p,) = profile([tiny_ptq_pte], prompt_len=8, steps=4, prefill=True)
+    pm = p["ms_per_prefill"]
+    assert p["phase"] == "prefill" and "ms_per_token" not in p and p["prefill_tok_s_wall"] > 0
+    assert pm["llama::custom_sdpa.out"] > 0 and any(k.startswith("Fully Connected") for k in pm)
+    assert pm["DELEGATE_CALL"] + pm.get("OPERATOR_CALL", 0) <= pm["Method::execute"] * 1.01
 
 
 def test_rss_stages_split_the_runners_memory(tiny_ptq_pte):

@@ -1,6 +1,7 @@
 """Where a .pte's decode time goes, operator by operator, through ExecuTorch's own event tracer.
 
     python -m benchmarks.tools.profile_decode A.pte [B.pte ...] [--prompt-len 64] [--steps 128] [--threads 2]
+    python -m benchmarks.tools.profile_decode A.pte [B.pte ...] --prefill [--prompt-len 64] [--steps 16]
 
 Each file is loaded with ETDump enabled, prefills a prompt of --prompt-len tokens, then decodes
 --steps tokens one at a time (greedy), alternating files step by step so that whatever else the
@@ -9,6 +10,9 @@ summed by name: the XNNPACK delegate's calls, ExecuTorch's own kernels (custom_s
 update_cache, embedding_byte, ...) and the method's overhead outside any operator. Prints per
 decoded token the milliseconds in each, and the wall-clock decode rate measured around run_method
 (lower than the runner's: the tracer and the Python call cost time per step, alike for every file).
+
+--prefill profiles the prompt instead: after one untimed prefill, each file prefills the same prompt
+from position 0 --steps times, the files taking turns, and the events are per prefill.
 """
 
 from __future__ import annotations
@@ -64,13 +68,16 @@ class Traced:
         return dict(totals), xnnpack_ops
 
 
-def profile(paths: list[Path], prompt_len: int, steps: int) -> list[dict]:
+def profile(paths: list[Path], prompt_len: int, steps: int, prefill: bool = False) -> list[dict]:
     runs = [Traced(p) for p in paths]
     prompt = [1] + [(7 * i + 13) % 1000 + 100 for i in range(prompt_len - 1)]  # fixed ids in every vocabulary
     nxt = [r.forward(prompt, 0, timed=False) for r in runs]
     for step in range(steps):
         for i, r in enumerate(runs):
-            nxt[i] = r.forward([nxt[i]], prompt_len + step, timed=True)
+            if prefill:  # the same prompt again from position 0: it overwrites the cache rows it wrote
+                r.forward(prompt, 0, timed=True)
+            else:
+                nxt[i] = r.forward([nxt[i]], prompt_len + step, timed=True)
     out = []
     for r in runs:
         totals, xnnpack_ops = r.events(skip_first=1)
@@ -78,29 +85,33 @@ def profile(paths: list[Path], prompt_len: int, steps: int) -> list[dict]:
         execute = per_token.get(EXECUTE)
         # The delegate's own operators nest inside DELEGATE_CALL; these two are the method's top level.
         inside = per_token.get("DELEGATE_CALL", 0) + per_token.get("OPERATOR_CALL", 0)
+        tok_s = (prompt_len if prefill else 1) / statistics.median(r.step_s)
         out.append({"pte": str(r.path), "bytes": r.path.stat().st_size, "steps": steps, "prompt_len": prompt_len,
-                    "decode_tok_s_wall": round(1 / statistics.median(r.step_s), 2),
+                    "phase": "prefill" if prefill else "decode",
+                    f"{'prefill' if prefill else 'decode'}_tok_s_wall": round(tok_s, 2),
                     "xnnpack_operators_per_token": xnnpack_ops,
-                    "ms_per_token": per_token,
+                    "ms_per_prefill" if prefill else "ms_per_token": per_token,
                     "ms_outside_operators": round(execute - inside, 3) if execute is not None else None})
     return out
 
 
 def table(results: list[dict]) -> str:
+    phase = results[0]["phase"]
+    per, key = ("prefill", "ms_per_prefill") if phase == "prefill" else ("decoded token", "ms_per_token")
     names: list[str] = []
     for r in results:
-        names += [n for n in r["ms_per_token"] if n not in names]
-    head = "| event (ms per decoded token) | " + " | ".join(Path(r["pte"]).parent.name + "/" + Path(r["pte"]).name
+        names += [n for n in r[key] if n not in names]
+    head = f"| event (ms per {per}) | " + " | ".join(Path(r["pte"]).parent.name + "/" + Path(r["pte"]).name
                                                           for r in results) + " |"
     lines = [head, "| :--- |" + " ---: |" * len(results)]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{r['ms_per_token'].get(n, 0):.3f}" for r in results) + " |")
+        lines.append(f"| {n} | " + " | ".join(f"{r[key].get(n, 0):.3f}" for r in results) + " |")
     lines.append("| outside any operator (the method's own work) | " + " | ".join(
         f"{r['ms_outside_operators']:.3f}" if r["ms_outside_operators"] is not None else "n/a" for r in results) + " |")
-    lines.append("| XNNPACK operators run per decoded token | " + " | ".join(
+    lines.append(f"| XNNPACK operators run per {per} | " + " | ".join(
         str(r["xnnpack_operators_per_token"]) for r in results) + " |")
-    lines.append("| decode tok/s (wall, median step) | " + " | ".join(f"{r['decode_tok_s_wall']:.1f}" for r in results)
-                 + " |")
+    lines.append(f"| {phase} tok/s (wall, median step) | " + " | ".join(f"{r[f'{phase}_tok_s_wall']:.1f}"
+                                                                         for r in results) + " |")
     return "\n".join(lines)
 
 
@@ -110,6 +121,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="0: every core")
+    ap.add_argument("--prefill", action="store_true", help="profile the prompt's prefill instead of decode steps")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     from exporter.lower import load_executorch_ops
@@ -121,7 +133,7 @@ def main():
     from exporter.errors import PtekitError
 
     try:
-        results = profile(a.pte, a.prompt_len, a.steps)
+        results = profile(a.pte, a.prompt_len, a.steps, a.prefill)
     except PtekitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
