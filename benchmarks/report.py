@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks import sizes
-from benchmarks.roofline import bytes_per_token, entry
+from benchmarks.roofline import bytes_per_token, entry, kv_bytes_per_position
 from exporter.config import ModelConfig
 from exporter.memory import kv_cache_bytes
 from quant import registry
@@ -120,14 +120,16 @@ def roofline_rows(record: dict) -> list[dict]:
     bw = record["bandwidth"]["bytes_per_s"]
     opts = record["options"]
     mean_pos = opts["prompt_len"] + opts["gen"] / 2
-    kv32 = kv_cache_bytes(cfg, 1)
     rows = []
+    # Each file's cache as its program holds it: a bf16 export's cache is bf16, an int8 one's int8.
     for method, e in record["methods"].items():
-        bpt = bytes_per_token(e["export"]["pte_bytes"], sizes.embedding_bytes(cfg, method), kv32, mean_pos)
+        kv = kv_bytes_per_position(Path(e["export"]["pte"]), cfg.n_kv_heads)
+        bpt = bytes_per_token(e["export"]["pte_bytes"], sizes.embedding_bytes(cfg, method), kv, mean_pos)
         rows.append(entry(f"ptekit {method}", _med(e["bench"], "decode_tok_s"), bpt, bw))
     el = record["peers"].get("export_llama")
     if el:
-        bpt = bytes_per_token(el["export"]["pte_bytes"], sizes.embedding_bytes(cfg, "ptq"), kv32, mean_pos)
+        kv = kv_bytes_per_position(Path(el["export"]["pte"]), cfg.n_kv_heads)
+        bpt = bytes_per_token(el["export"]["pte_bytes"], sizes.embedding_bytes(cfg, "ptq"), kv, mean_pos)
         rows.append(entry("export_llama", _med(el["bench"], "decode_tok_s"), bpt, bw))
     lc = record["peers"].get("llamacpp", {}).get("bench")
     if lc:
