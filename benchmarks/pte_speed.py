@@ -152,6 +152,7 @@ def roofline(ptes: list[Path], labels: list[str], results: dict, gen: int) -> di
     from benchmarks import sizes
     from benchmarks.roofline import bytes_per_token, entry, kv_bytes_per_position, measure_bandwidth
     from exporter.config import ModelConfig
+    from exporter.errors import PtekitError
     from exporter.manifest import read_manifest
 
     man = read_manifest(ptes[0].parent)
@@ -159,7 +160,10 @@ def roofline(ptes: list[Path], labels: list[str], results: dict, gen: int) -> di
         raise SystemExit(f"--roofline: {ptes[0].parent} has no export manifest to read the model's shape from")
     shape = {k: v for k, v in man["model"].items() if k != "parameters"}
     cfg = ModelConfig.from_dict(shape)
-    kv_rows = {pte: kv_bytes_per_position(pte, cfg.n_kv_heads) for pte in ptes}
+    try:
+        kv_rows = {pte: kv_bytes_per_position(pte, cfg.n_kv_heads) for pte in ptes}
+    except PtekitError as e:
+        raise SystemExit(f"--roofline: {e}") from None
     bw = measure_bandwidth()
     print(f"\nroofline: {bw['gb_per_s']} GB/s ({bw['method']}, {bw['threads']} threads)")
     print("| context | file | MB read per token | bound (tok/s) | decode (tok/s) | share of the bound |")

@@ -48,11 +48,14 @@ def kv_bytes_per_position(pte: Path, n_kv_heads: int) -> int:
     positions (a prompt holds at most max_context_len - 1), so the shape picks out the cache."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
+    from exporter.errors import PtekitError
+
     program = deserialize_pte_binary(pte.read_bytes()).program
     plans = {plan.name: plan for plan in program.execution_plan}
     meta = plans.get("get_max_context_len") or plans.get("get_max_seq_len")
     if "forward" not in plans or meta is None:
-        raise ValueError(f"{pte}: not an LLM .pte (no forward method or no get_max_context_len)")
+        raise PtekitError(f"{pte}: not an LLM .pte (no forward method or no get_max_context_len); pass one ptekit "
+                          "or export_llama wrote")
     positions = meta.values[0].val.int_val
     total = 0
     for value in plans["forward"].values:
@@ -62,7 +65,8 @@ def kv_bytes_per_position(pte: Path, n_kv_heads: int) -> int:
         if t.sizes[0] == 1 and t.sizes[1] == positions and t.sizes[2] == n_kv_heads:
             total += _ELEMENT_BYTES[t.scalar_type.name] * t.sizes[2] * t.sizes[3]
     if total == 0:
-        raise ValueError(f"{pte}: no KV cache of {positions} positions and {n_kv_heads} KV heads in its forward method")
+        raise PtekitError(f"{pte}: no KV cache of {positions} positions and {n_kv_heads} KV heads in its forward "
+                          "method; --roofline needs files of the first file's model")
     return total
 
 

@@ -216,3 +216,8 @@ def test_roofline_reads_each_files_kv_cache_from_its_program(tiny_ptq_pte, tiny_
     fp32, int8 = (kv_bytes_per_position(p, cfg.n_kv_heads) for p in (tiny_ptq_pte, tiny_kv8_pte))
     assert fp32 == kv_cache_bytes(cfg, 1, "fp32") and int8 == kv_cache_bytes(cfg, 1, "int8")
     assert int8 < fp32 / 3
+    # A file of another shape is one clear error, not a guess.
+    from exporter.errors import PtekitError
+
+    with pytest.raises(PtekitError, match="no KV cache of 256 positions"):
+        kv_bytes_per_position(tiny_ptq_pte, cfg.n_kv_heads + 1)
