@@ -8,11 +8,14 @@
    fake-quantized to 8-bit per token, straight-through gradients, as the .pte computes. The start
    is the identity or a random Hadamard matrix, whichever gives the lower quantized loss over
    the first few steps of the optimization (init_probe).
-3. Merge R1, R2 into the weights, then GPTQ (quant.gptq) the block linears, calibrated on windows of
-   the calibration text and, by default, as many the model wrote itself before any change (gptq_data),
-   each layer fitted to the float model's output rather than to its own float weights
-   (gptq_asymmetric); the embedding and the classifier get the scheme's 8-bit round-to-nearest
-   (quant.ptq).
+3. Merge R1, R2 into the weights, then GPTQ (quant.gptq) the block linears, each layer fitted to the
+   float model's output rather than to its own float weights (gptq_asymmetric); the embedding and the
+   classifier get the scheme's 8-bit round-to-nearest (quant.ptq).
+
+The text both steps learn from: by default the model's own (gptq_samples sequences it writes before any
+change, as qlora trains on), so no domain is favoured and no evaluation text is seen. With
+inputs.calibration (`--calibration FILE`) the rotations learn on the file and GPTQ calibrates on it and,
+by default, on as many self-written windows (gptq_data=mixed).
 
 Everything is kept under inputs.work_dir: the optimization state after every step (an
 interrupted run resumes where it stopped), the learned rotations, and the rotated, quantized
@@ -26,7 +29,8 @@ Options (inputs.options; values may be strings as a CLI passes them):
   iterations, lr, momentum, train_batch, train_seq_len, gptq, gptq_samples, gptq_seq_len,
   damp, act_order, true_sequential, scale_search, gptq_asymmetric, init_probe, init_eval_batches,
   checkpoint_layers, bf16
-  gptq_data         calibration | generated (windows the model writes itself) | mixed (half of each)
+  gptq_data         with --calibration: calibration | generated (windows the model writes itself) | mixed
+                    (half of each, the default); without it GPTQ's windows are all the model's own
 inputs.steps overrides iterations, inputs.calibration the calibration text, inputs.seed the seed.
 """
 
@@ -106,11 +110,13 @@ class Settings:
     # GPTQ's group scales by quant.gptq.searched_group_scales: on SmolLM2 after the learned rotations it
     # moved PPL, KL and top-1 toward BF16 on both WikiText-2 and the docstrings (docs/spinquant.md).
     scale_search: bool = True
-    # GPTQ's calibration windows: "calibration" (the calibration text), "generated" (text the model writes
-    # itself, as qlora trains on) or "mixed" (half of each). On SmolLM2, with either of two learned rotations,
-    # mixed moved the docstrings' KL from 0.118-0.120 to 0.091-0.095 and WikiText-2's (the calibration
-    # text's domain) by at most +0.0035; generated alone was further from BF16 on both (docs/spinquant.md).
-    gptq_data: str = "mixed"
+    # GPTQ's calibration windows when a calibration file is given: "calibration" (the file's text),
+    # "generated" (text the model writes itself) or "mixed" (half of each; None resolves to it). On SmolLM2
+    # with WikiText-2's validation split as the file and either of two learned rotations, mixed moved the
+    # docstrings' KL from 0.118-0.120 to 0.091-0.095 and WikiText-2's (the file's domain) by at most
+    # +0.0035 (docs/spinquant.md). Without a file (the default) the rotations and GPTQ both learn on the
+    # model's own text and this is "generated".
+    gptq_data: str | None = None
     # GPTQ fits each layer's output on its quantized inputs to the float model's output (quant.gptq,
     # GPTQOptions.asymmetric). On SmolLM2's .pte, with the same learned rotations, it moved KL to BF16 from
     # 0.0975 to 0.0793 on WikiText-2 and from 0.0908 to 0.0831 on the docstrings; GPTQ took 12 minutes
@@ -143,6 +149,12 @@ def settings_from(inputs) -> Settings:
     if inputs.steps is not None:
         changes["iterations"] = int(inputs.steps)
     changes.setdefault("seed", inputs.seed)
+    own_text = inputs.calibration is None
+    if own_text and changes.get("gptq_data") in ("calibration", "mixed"):
+        raise PtekitError(f"spinquant: gptq_data={changes['gptq_data']} calibrates GPTQ on a calibration file; "
+                          "pass one with --calibration FILE (without it spinquant learns on the model's own text)")
+    if changes.get("gptq_data") is None:
+        changes["gptq_data"] = "generated" if own_text else "mixed"
     s = dataclasses.replace(base, **changes)
     if s.bf16 is None:
         s = dataclasses.replace(s, bf16=native_bf16(resolve_device(inputs.device)))
@@ -375,6 +387,8 @@ def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tup
     h = update_with_weights(hashlib.sha256(), model)
     if calibration is not None:
         update_with_file(h, Path(calibration))
+    elif s.rotation == "learned" or s.gptq:  # the model's own text: how many sequences it writes, and how long
+        h.update(json.dumps(["own text", s.gptq_samples, s.train_seq_len, s.gptq_seq_len]).encode())
     settings = without_later_options(dataclasses.asdict(s), OPTIONS_ADDED_LATER)
     out = []
     for keys in (TRAINING_FIELDS, tuple(settings)):
@@ -440,13 +454,14 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     work = Path(inputs.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     needs_text = s.rotation == "learned" or s.gptq
-    calibration = Path(inputs.calibration) if inputs.calibration else data.default_calibration()
-    if needs_text:
+    # None: the model's own text, written below (the default); otherwise the user's calibration file.
+    calibration = Path(inputs.calibration) if inputs.calibration and needs_text else None
+    if calibration is not None:
         data.read_text(calibration)  # a bad file fails here, before any work
-        if inputs.tokenizer is None:
-            raise PtekitError("spinquant: needs the checkpoint's tokenizer to read the calibration text")
+    if needs_text and inputs.tokenizer is None:
+        raise PtekitError("spinquant: needs the checkpoint's tokenizer to write or read its calibration text")
     model = model.float()
-    train_fp, fp = fingerprints(model, s, calibration if needs_text else None)
+    train_fp, fp = fingerprints(model, s, calibration)
 
     saved = load_result(work, fp)
     if saved is not None:
@@ -461,16 +476,25 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     t0 = time.perf_counter()
     seconds, record = {}, {}
     generated = None
-    if s.gptq and s.gptq_data != "calibration":
-        generated = generated_windows(model.to(device), inputs.tokenizer, s, work, train_fp)
+    if needs_text and calibration is None:
+        # gptq_samples sequences one token longer than the longest window: in the cpu preset the 256 x 513
+        # tokens qlora's default trains on (the same sampler and seed), so both methods see the same text.
+        length = max(s.train_seq_len if s.rotation == "learned" else 0, s.gptq_seq_len) + 1
+        generated = generated_windows(model.to(device), inputs.tokenizer, s.gptq_samples, length, s, work, train_fp)
+    elif s.gptq and s.gptq_data != "calibration":
+        n = s.gptq_samples if s.gptq_data == "generated" else s.gptq_samples // 2
+        generated = generated_windows(model.to(device), inputs.tokenizer, n, s.gptq_seq_len, s, work, train_fp)
+    if generated is not None:
         seconds["generation"] = round(time.perf_counter() - t0, 1)
     r4 = _prepare(model, s)
-    stream = data.token_stream(calibration, inputs.tokenizer) if needs_text else None
+    stream = data.token_stream(calibration, inputs.tokenizer) if calibration is not None else None
+    source = calibration or f"the model's own text ({s.gptq_samples} sequences)"
     r1 = r2 = None
     if s.rotation == "learned":
-        pool = data.windows(stream, s.train_seq_len, s.seed, at_least=s.train_batch, source=calibration)
+        pool = (data.windows(stream, s.train_seq_len, s.seed, at_least=s.train_batch, source=calibration)
+                if stream is not None else generated[:, : s.train_seq_len])
         if s.iterations * s.train_batch > len(pool):
-            _log.warning(f"spinquant: {calibration} holds {len(pool)} windows of {s.train_seq_len} tokens; the "
+            _log.warning(f"spinquant: {source} holds {len(pool)} windows of {s.train_seq_len} tokens; the "
                          f"{s.iterations * s.train_batch} training samples go through them more than once")
         r1, r2, record = learn_rotations(model, pool, s, work, train_fp, device)
     elif s.rotation == "hadamard":
@@ -482,11 +506,14 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     t1 = time.perf_counter()
     names = [f"layers.{i}.{n}" for i in range(model.config.n_layers) for n in rotation.LAYER_LINEARS]
     if s.gptq:
-        # With gptq_data=mixed the calibration text need only hold the windows the generated ones leave.
-        needed = s.gptq_samples - (len(generated) if generated is not None else 0)
-        tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=needed, source=calibration)
-        if generated is not None:  # the generated windows first, calibration windows for the rest
-            tokens = torch.cat([generated, tokens])
+        if stream is None:
+            tokens = generated[:, : s.gptq_seq_len]
+        else:
+            # With gptq_data=mixed the calibration text need only hold the windows the generated ones leave.
+            needed = s.gptq_samples - (len(generated) if generated is not None else 0)
+            tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=needed, source=calibration)
+            if generated is not None:  # the generated windows first, calibration windows for the rest
+                tokens = torch.cat([generated, tokens])
         weights = gptq_model(model, tokens[: s.gptq_samples], s.gptq_options(), device)
     else:
         weights = {}
@@ -497,7 +524,8 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     seconds["gptq" if s.gptq else "rtn"] = round(time.perf_counter() - t1, 1)
 
     floats = {k: v.detach().clone() for k, v in model.state_dict().items() if not _is_block_linear(k)}
-    record["calibration"] = {"path": str(calibration) if needs_text else None,
+    record["calibration"] = {"path": str(calibration) if calibration is not None else None,
+                             "text": "file" if calibration is not None else "own" if needs_text else None,
                              "training_tokens": s.iterations * s.train_batch * s.train_seq_len
                              if s.rotation == "learned" else 0,
                              "gptq_tokens": s.gptq_samples * s.gptq_seq_len if s.gptq else 0,
@@ -506,15 +534,15 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     return apply_scheme(model, weights)
 
 
-def generated_windows(model: nn.Module, tokenizer, s: Settings, work: Path, train_fp: str) -> torch.Tensor:
-    """GPTQ's self-generated windows (gptq_data=generated: all of them, mixed: half), written by the model as
-    it is, before anything rotates it, and kept in the work directory so that an interrupted run, or one
-    that changes only GPTQ's options, reuses them (the file is named by what the text depends on)."""
-    n = s.gptq_samples if s.gptq_data == "generated" else s.gptq_samples // 2
-    key = hashlib.sha256(json.dumps([train_fp, n, s.gptq_seq_len, s.seed]).encode()).hexdigest()[:16]
+def generated_windows(model: nn.Module, tokenizer, n: int, length: int, s: Settings, work: Path,
+                      train_fp: str) -> torch.Tensor:
+    """n sequences of `length` tokens written by the model as it is, before anything rotates it, kept in the
+    work directory so that an interrupted run, or one that changes only GPTQ's options, reuses them (the
+    file is named by what the text depends on): [n, length]."""
+    key = hashlib.sha256(json.dumps([train_fp, n, length, s.seed]).encode()).hexdigest()[:16]
     cache = work / f"gptq-generated-{key}.jsonl"
     if not cache.exists():
-        sft_data.save_examples(cache, sft_data.self_generated(model, tokenizer, n, s.gptq_seq_len, seed=s.seed))
+        sft_data.save_examples(cache, sft_data.self_generated(model, tokenizer, n, length, seed=s.seed))
     return torch.tensor([e.tokens for e in sft_data.read_examples(cache)])
 
 

@@ -490,3 +490,41 @@ def test_mixed_gptq_data_asks_the_calibration_text_only_for_its_half(tiny96_hf, 
     with pytest.raises(PtekitError, match=r"short\.txt: .* make only [23] windows of 32, 4 are needed"):
         spinquant.quantize(build_model(ckpt, max_seq_len=64),
                            inputs(tmp_path / "calib", tok, short, gptq_data="calibration", **options))
+
+
+def test_without_a_calibration_file_rotations_and_gptq_learn_on_the_models_own_text(tiny96_hf, tmp_path, monkeypatch):
+    """The default: the model writes gptq_samples sequences before any change (the sampler and seed qlora's
+    default trains on), the rotations learn on their first train_seq_len tokens and GPTQ calibrates on
+    their first gptq_seq_len; no text file is read. GPTQ options that need a file are a clear error."""
+    from exporter.tokenizer import Tokenizer
+    from quant import data, gptq, sft_data, spinquant
+
+    ckpt = load_checkpoint(tiny96_hf)
+    tok = Tokenizer(ckpt.tokenizer_path)
+    seen = {}
+    real_gptq, real_learn = gptq.gptq_model, spinquant.learn_rotations
+
+    def gptq_recording(model, tokens, *a, **k):
+        seen["gptq"] = tokens.clone()
+        return real_gptq(model, tokens, *a, **k)
+
+    def learn_recording(model, pool, *a, **k):
+        seen["pool"] = pool.clone()
+        return real_learn(model, pool, *a, **k)
+
+    monkeypatch.setattr(spinquant, "gptq_model", gptq_recording)
+    monkeypatch.setattr(spinquant, "learn_rotations", learn_recording)
+    monkeypatch.setattr(data, "default_calibration", lambda: pytest.fail("read a calibration file"))
+    run = inputs(tmp_path, tok, None, gptq_seq_len=24)
+    spinquant.quantize(build_model(ckpt, max_seq_len=64), run)
+    s = spinquant.settings_from(run)
+    assert s.gptq_data == "generated"
+    expected = torch.tensor([e.tokens for e in sft_data.self_generated(build_model(ckpt, max_seq_len=64).float(), tok,
+                                                                      s.gptq_samples, 33, seed=0, progress=False)])
+    assert torch.equal(seen["pool"], expected[:, :32])
+    assert torch.equal(seen["gptq"], expected[:, :24])
+    record = json.loads((tmp_path / spinquant.RESULT / spinquant.MANIFEST).read_text())["calibration"]
+    assert record["text"] == "own" and record["path"] is None
+    for given in ("mixed", "calibration"):
+        with pytest.raises(PtekitError, match=f"gptq_data={given} calibrates GPTQ on a calibration file; pass one"):
+            spinquant.settings_from(inputs(tmp_path, tok, None, gptq_data=given))
