@@ -44,7 +44,7 @@ MODELS = {"smollm2": "smollm2-135m", "smollm2-135m": "smollm2-135m", **{m: m for
 # three more fp32 copies of the weights, more than a 24 GB machine holds beside the model.
 SIZE_RUN_OPTIONS = {
     "spinquant": ("iterations=1", "train_batch=1", "train_seq_len=256", "init_probe=0", "init_eval_batches=1",
-                  "gptq_samples=8", "gptq_seq_len=256", "gptq_data=calibration"),  # no text to generate for bytes
+                  "gptq_samples=8", "gptq_seq_len=256"),  # the model writes 8 windows of 257 tokens to learn on
     # gen_sequences=1: the one training window the LoRA step reads; with the default 256 a 1B run on 2 CPU
     # cores was still writing its training text after 8 minutes.
     "qlora": ("qat_steps=0", "lora_steps=1", "micro_batch=1", "grad_accum=1", "seq_len=256", "gen_sequences=1"),

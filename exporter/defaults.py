@@ -35,10 +35,10 @@ def llama3_tokenizer() -> Path:
 
 
 # WikiText-2 (Merity et al., 2016; CC BY-SA 3.0): the raw test split scores quality and makes the
-# benchmark prompt; the tokenized validation split calibrates and trains the methods. The hashes
+# benchmark prompt; the tokenized validation split is what qlora's train_text=mixed adds to its text. The hashes
 # pin the exact bytes every figure in BENCHMARKS.md was measured on.
 WIKITEXT2_TEST = "wikitext-2-raw-test.txt"
-CALIBRATION_FILE = "wikitext-2-valid-tokens.txt"  # every method's default calibration/training text
+CALIBRATION_FILE = "wikitext-2-valid-tokens.txt"  # qlora's train_text=mixed trains on it beside the model's own text
 WIKITEXT2_FILES = {
     WIKITEXT2_TEST: "71fa921e51ba607b4364d8787d05f4513b41b33732dd3504ff1af8952c6e7e77",
     CALIBRATION_FILE: "e24057b96f875e4ac4a5f347fa6c64438ef8322b6e41abb4d187ef0d4e150505",

@@ -8,8 +8,9 @@ same lines as records.
 
 For calibration the whole text is tokenized once, as one stream, and cut into non-overlapping
 windows; which windows a run uses is drawn from a seed, so a run is reproducible and a resumed
-run sees the same batches. The default is WikiText-2's validation split
-(exporter.defaults.CALIBRATION_FILE): the test split is for evaluation only.
+run sees the same batches. default_calibration() is WikiText-2's validation split
+(exporter.defaults.CALIBRATION_FILE), the text qlora's train_text=mixed adds to the model's own:
+the test split is for evaluation only.
 """
 
 from __future__ import annotations

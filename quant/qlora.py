@@ -12,7 +12,7 @@ The objective says what the method is for:
   is pulled toward the model it replaces, on no particular domain: this is recovery, judged by its
   KL to BF16 on text it never saw.
 - train_text=mixed (no --data): the same distillation on the model's own text alternating with as many
-  windows of the calibration text (WikiText-2's validation split, which spinquant calibrates on). On
+  windows of the calibration text (WikiText-2's validation split, a common calibration file). On
   SmolLM2 at the cpu budget its .pte is far closer to BF16 on WikiText-2's test split (KL 0.085 against
   0.108) and a little further on the docstrings (0.086 against 0.080), level on licence texts by KL and
   further by perplexity (docs/qlora.md): it helps text like the calibration text, so it is an option.
