@@ -71,7 +71,7 @@ def export(
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="KV cache length in the .pte (prompt + generated tokens)."),
     kv_cache: str = typer.Option("fp32", "--kv-cache", help="KV cache in the .pte: fp32 (exact), or int8 (a scale and zero point per position and head, as export_llama's --quantize_kv_cache: on SmolLM2 it decoded faster from about 1,000 positions of context on and prefilled several times slower; not exact, so measure it with `ptekit eval` on the .pte). See BENCHMARKS.md."),
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
-    calibration: Path | None = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. spinquant calibrates on it (default: WikiText-2's validation split from the data directory: $PTEKIT_DATA, else ~/.cache/ptekit/data). qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model; without it qlora distills on the model's own text."),
+    calibration: Path | None = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. Without it both methods learn on text the model writes itself, so no domain is favoured: spinquant learns its rotations and calibrates GPTQ on it, qlora distills from the BF16 model on it. With it, spinquant learns its rotations on the file and calibrates GPTQ on the file and as many self-written windows (-O gptq_data); qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model."),
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
     option: list[str] | None = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, gptq_asymmetric=false (plain GPTQ), iterations=N, preset=cpu|paper...; qlora: preset=cpu|paper, rotation=hadamard|learned|none, train_text=generated|mixed, autocast=false|true (bf16 matmuls; default: where the device multiplies bf16), rank=N, qat_steps=N, lora_steps=N...). See the method's module docstring in quant/."),
     steps: int | None = typer.Option(None, "--steps", help="Optimization steps for spinquant/qlora (default: the method's)."),
@@ -141,8 +141,9 @@ def eval_command(
     seq_len: int = typer.Option(EVAL_SEQ_LEN, "--seq-len", help=f"Window length N (default {EVAL_SEQ_LEN}): the text is tokenized once and cut into non-overlapping windows of N tokens, each scored from position 0 (N-1 tokens predicted per window)."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Use only the first N tokens of the data (default: all of it)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the full record (hashes, every metric with its standard error, timings) here."),
-    allow_calibration_data: bool = typer.Option(False, "--allow-calibration-data", help="Allow WikiText-2's validation split, the data the methods calibrate and train on (refused by default: scores on it are flattering)."),
+    allow_calibration_data: bool = typer.Option(False, "--allow-calibration-data", help="Allow WikiText-2's validation split, the text qlora's -O train_text=mixed trains on (refused by default: scores on it are flattering)."),
     work_dir: Path | None = typer.Option(None, "--work-dir", help="For spinquant/qlora: where the method keeps what it learns (default: ./<method>-work)."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="For spinquant/qlora: their calibration/training file, as `ptekit export --calibration` (default: text the model writes itself)."),
     steps: int | None = typer.Option(None, "--steps", help="For spinquant/qlora: optimization steps (default: the method's)."),
     device: str = typer.Option("auto", "--device", help="For spinquant/qlora: where they optimize: auto (CUDA when present), cpu or cuda."),
     option: list[str] | None = typer.Option(None, "--option", "-O", help="A method option KEY=VALUE, repeatable (spinquant: rotation=learned|hadamard|none, gptq=false, iterations=N, preset=cpu|paper...; qlora: rank=N, ...). See the method's module docstring in quant/."),
@@ -160,6 +161,7 @@ def eval_command(
     log.setup(quiet)
     opts = EvalOptions(target=target, method=method, reference=reference, data=data, seq_len=seq_len,
                        max_tokens=max_tokens, allow_calibration_data=allow_calibration_data, work_dir=work_dir,
+                       calibration=calibration,
                        steps=steps, device=device, options=parse_options(option), batch_tokens=batch_tokens,
                        exact_eager=exact_eager, progress=not quiet, memory_check=memory_check)
     record = evaluate(opts)

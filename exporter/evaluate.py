@@ -69,6 +69,7 @@ class EvalOptions:
     max_tokens: int | None = None
     allow_calibration_data: bool = False
     work_dir: Path | None = None  # for methods that optimize (spinquant, qlora)
+    calibration: Path | None = None  # their calibration/training file, as `ptekit export --calibration`
     steps: int | None = None
     device: str = "auto"
     options: dict | None = None  # method options, as `ptekit export --option`
@@ -249,8 +250,8 @@ def _eager(checkpoint: str, method: str, seq_len: int, opts: EvalOptions):
     work = opts.work_dir or Path(f"{method}-work")
 
     def inputs_for(tok):
-        return MethodInputs(work_dir=Path(work), tokenizer=tok, device=opts.device, steps=opts.steps,
-                            options=dict(opts.options or {}))
+        return MethodInputs(work_dir=Path(work), tokenizer=tok, calibration=opts.calibration, device=opts.device,
+                            steps=opts.steps, options=dict(opts.options or {}))
 
     # Positions 0..N-2 are run; the model's RoPE tables need that many.
     return load_for_method(checkpoint, method, inputs_for, max_seq_len=seq_len, memory_check=opts.memory_check)

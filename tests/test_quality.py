@@ -294,3 +294,16 @@ def test_the_second_domain_is_shipped_as_its_readme_says():
     readme = (PYTHON_DOCS_FILE.parent / "README.md").read_text()
     assert file_sha256(PYTHON_DOCS_FILE) in readme
     assert f"{PYTHON_DOCS_FILE.stat().st_size:,} bytes" in readme
+
+
+def test_eval_applies_the_method_with_the_calibration_file_given(tiny_hf, wikitext_valid, tmp_path):
+    """`ptekit eval CHECKPOINT --method spinquant --calibration FILE` calibrates on FILE, as export would;
+    without it the method learns on the model's own text."""
+    options = dict(rotation="hadamard", gptq_samples="4", gptq_seq_len="32")
+    for name, calibration in (("file", wikitext_valid), ("own", None)):
+        work = tmp_path / name
+        r = run(tiny_hf, method="spinquant", work_dir=work, calibration=calibration, options=options)
+        assert r["metrics"]["kl"]["mean"] >= 0
+        record = json.loads((work / "result" / "spinquant.json").read_text())["calibration"]
+        assert record["text"] == name
+        assert record["path"] == (str(wikitext_valid) if calibration else None)
