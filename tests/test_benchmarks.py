@@ -172,6 +172,7 @@ def test_decode_profile_sums_the_runtimes_own_events(tiny_ptq_pte):
     (p,) = profile([tiny_ptq_pte], prompt_len=8, steps=4, prefill=True)
     pm = p["ms_per_prefill"]
     assert p["phase"] == "prefill" and "ms_per_token" not in p and p["prefill_tok_s_wall"] > 0
+    assert p["xnnpack_operators_per_prefill"] > 0 and "xnnpack_operators_per_token" not in p
     assert pm["llama::custom_sdpa.out"] > 0 and any(k.startswith("Fully Connected") for k in pm)
     assert pm["DELEGATE_CALL"] + pm.get("OPERATOR_CALL", 0) <= pm["Method::execute"] * 1.01
 

@@ -89,7 +89,7 @@ def profile(paths: list[Path], prompt_len: int, steps: int, prefill: bool = Fals
         out.append({"pte": str(r.path), "bytes": r.path.stat().st_size, "steps": steps, "prompt_len": prompt_len,
                     "phase": "prefill" if prefill else "decode",
                     f"{'prefill' if prefill else 'decode'}_tok_s_wall": round(tok_s, 2),
-                    "xnnpack_operators_per_token": xnnpack_ops,
+                    "xnnpack_operators_per_prefill" if prefill else "xnnpack_operators_per_token": xnnpack_ops,
                     "ms_per_prefill" if prefill else "ms_per_token": per_token,
                     "ms_outside_operators": round(execute - inside, 3) if execute is not None else None})
     return out
@@ -97,7 +97,8 @@ def profile(paths: list[Path], prompt_len: int, steps: int, prefill: bool = Fals
 
 def table(results: list[dict]) -> str:
     phase = results[0]["phase"]
-    per, key = ("prefill", "ms_per_prefill") if phase == "prefill" else ("decoded token", "ms_per_token")
+    per, key, ops = (("prefill", "ms_per_prefill", "xnnpack_operators_per_prefill") if phase == "prefill"
+                     else ("decoded token", "ms_per_token", "xnnpack_operators_per_token"))
     names: list[str] = []
     for r in results:
         names += [n for n in r[key] if n not in names]
@@ -109,7 +110,7 @@ def table(results: list[dict]) -> str:
     lines.append("| outside any operator (the method's own work) | " + " | ".join(
         f"{r['ms_outside_operators']:.3f}" if r["ms_outside_operators"] is not None else "n/a" for r in results) + " |")
     lines.append(f"| XNNPACK operators run per {per} | " + " | ".join(
-        str(r["xnnpack_operators_per_token"]) for r in results) + " |")
+        str(r[ops]) for r in results) + " |")
     lines.append(f"| {phase} tok/s (wall, median step) | " + " | ".join(f"{r[f'{phase}_tok_s_wall']:.1f}"
                                                                          for r in results) + " |")
     return "\n".join(lines)
