@@ -180,7 +180,7 @@ def load_preferences(path: Path, tok) -> list[PreferencePair]:
 
 @torch.no_grad()
 def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, batch: int = 64,
-                   greedy_tokens: int = 3, progress: bool = True) -> list[Example]:
+                   greedy_tokens: int = 3, progress: bool = True, what: str = "training text") -> list[Example]:
     """LLM-QAT's data-free recipe: a random first token, a few greedy tokens, then sampling.
 
     Uses the model's eager KV-cache path with a cache of `batch` rows; the caches are removed
@@ -197,7 +197,7 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
     out: list[Example] = []
     was_training = model.training
     model.eval()
-    bar = progress_bar(total=n_sequences * (length - 1), desc="generating training text", unit="tok", disable=not progress,
+    bar = progress_bar(total=n_sequences * (length - 1), desc=f"generating {what}", unit="tok", disable=not progress,
                dynamic_ncols=True)
     try:
         for first in range(0, n_sequences, batch):

@@ -542,7 +542,8 @@ def generated_windows(model: nn.Module, tokenizer, n: int, length: int, s: Setti
     key = hashlib.sha256(json.dumps([train_fp, n, length, s.seed]).encode()).hexdigest()[:16]
     cache = work / f"gptq-generated-{key}.jsonl"
     if not cache.exists():
-        sft_data.save_examples(cache, sft_data.self_generated(model, tokenizer, n, length, seed=s.seed))
+        sft_data.save_examples(cache, sft_data.self_generated(model, tokenizer, n, length, seed=s.seed,
+                                                               what="calibration text"))
     return torch.tensor([e.tokens for e in sft_data.read_examples(cache)])
 
 
