@@ -146,6 +146,8 @@ HOST_RUNNER_TEMPLATE = """#!{python}
 # ptekit's host stand-in for ExecuTorch's llama_main (same flags, same PyTorchObserver line).
 import sys
 sys.path.insert(0, {repo!r})
+from exporter import openmp
+openmp.runtime_process()  # before torch loads libgomp
 from android_runner.runner import main
 sys.exit(main())
 """

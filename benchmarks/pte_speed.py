@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--roofline", action="store_true", help="also each file's decode as a share of the memory-bandwidth bound")
     a = ap.parse_args(argv)
 
+    from exporter import openmp
+
+    openmp.runtime_process()  # before torch loads libgomp
     from exporter.errors import PtekitError
     from exporter.runtime import PteModel
 

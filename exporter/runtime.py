@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from exporter.errors import PtekitError
+from exporter.openmp import one_thread_for_runtime_calls
 from exporter.quiet import native_calls
 
 EVAL_METHOD = "forward_all_logits"
@@ -43,7 +44,7 @@ class PteModel:
     def meta(self, name: str, default=None):
         if name not in self.methods:
             return default
-        with native_calls():
+        with native_calls(), one_thread_for_runtime_calls():
             out = self._module.run_method(name, ())
         return out if name == "get_eos_ids" else out[0]
 
@@ -57,7 +58,7 @@ class PteModel:
         method = EVAL_METHOD if all_logits else "forward"
         if method not in self.methods:
             raise PtekitError(f"{self.path}: no '{method}' method; re-export with --eval-method")
-        with native_calls():
+        with native_calls(), one_thread_for_runtime_calls():
             out = self._module.run_method(method, (torch.tensor([tokens], dtype=torch.long), torch.tensor([start], dtype=torch.long)))[0]
         return out[0] if all_logits else out[0, -1]
 

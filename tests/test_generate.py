@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from exporter.checkpoint import build_model, load_checkpoint
@@ -61,3 +62,35 @@ def test_generate_cli_streams_answer(smollm2_ptq_pte):
                         "Name a large animal that lives in the ocean.", "-n", "16"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.split()) >= 3
+
+
+def test_runtime_calls_run_openmp_at_one_thread_and_give_torch_its_threads_back(tiny_ptq_pte):
+    """Each call into ExecuTorch's runtime runs with the calling thread's OpenMP at one thread (its
+    kernels outside XNNPACK would otherwise contend with XNNPACK's pool for the cores,
+    exporter/openmp.py); torch's own thread count is back afterwards, also after a failed call."""
+    pte = PteModel(tiny_ptq_pte)
+    real = pte._module
+    seen = []
+
+    class Recording:
+        fail = False
+
+        def run_method(self, name, args):
+            seen.append(torch.get_num_threads())
+            if self.fail:
+                raise RuntimeError("the runtime refused the call")
+            return real.run_method(name, args)
+
+    pte._module = Recording()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pte.forward([1, 2, 3], 0)
+        pte.meta("get_max_seq_len")
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        pte._module.fail = True
+        with pytest.raises(RuntimeError, match="refused"):
+            pte.forward([4], 3)
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

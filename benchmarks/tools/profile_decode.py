@@ -125,6 +125,9 @@ def main():
     ap.add_argument("--prefill", action="store_true", help="profile the prompt's prefill instead of decode steps")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    from exporter import openmp
+
+    openmp.runtime_process()  # before torch loads libgomp
     from exporter.lower import load_executorch_ops
 
     load_executorch_ops()
