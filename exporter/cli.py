@@ -118,6 +118,9 @@ def generate(
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the tokenizer's chat template when it has one."),
 ):
     """Run a .pte on this machine through ExecuTorch's runtime (greedy decoding)."""
+    from exporter import openmp
+
+    openmp.runtime_process()  # before torch loads libgomp
     from exporter.generate import generate_text
 
     generate_text(model, prompt, max_new_tokens, tokenizer, chat, echo=lambda s: (sys.stdout.write(s), sys.stdout.flush()))

@@ -16,13 +16,16 @@ runs .pte files sets it before anything imports torch (runtime_process).
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 
 
 def runtime_process() -> None:
-    """For a process whose work is running .pte files (the host runner, the speed benchmarks): call
-    before torch is imported. torch's own work in such a process sets its threads itself."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    """For a process whose work is running .pte files (the host runner, `ptekit generate`, the speed
+    benchmarks), before torch is imported; torch's own work in such a process sets its threads itself.
+    Once torch is loaded the variable would reach nothing but child processes, so then it is left alone."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @contextmanager

@@ -94,3 +94,17 @@ def test_runtime_calls_run_openmp_at_one_thread_and_give_torch_its_threads_back(
         assert seen == [1, 1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_runtime_process_sets_openmp_for_the_pool_threads_only_before_torch_loads():
+    """OMP_NUM_THREADS reaches the runtime's pool threads only if set before libgomp loads with torch;
+    after that ptekit leaves the environment alone, so child processes keep their threads."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = ("import os{}; from exporter import openmp; openmp.runtime_process(); "
+            "import torch; print(os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads())")
+    first = subprocess.run([sys.executable, "-c", code.format("")], capture_output=True, text=True, env=env)
+    assert first.stdout.split() == ["1", "1"], first.stderr[-2000:]
+    late = subprocess.run([sys.executable, "-c", code.format(", torch")], capture_output=True, text=True, env=env)
+    assert late.stdout.split()[0] == "None", late.stderr[-2000:]
