@@ -27,9 +27,10 @@ PACKAGES = ("exporter", "quant", "android_runner", "benchmarks")
 # Lowest first. A module-level import may point down the list or stay within its layer, never up.
 # A module takes the layer of the first pattern it matches (fnmatch).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # Leaf helpers: errors, files, paths and constants, logging, progress bars, the manifest.
+    # Leaf helpers: errors, files, paths and constants, logging, progress bars, the manifest, the
+    # runtime's OpenMP threads.
     ("core", ("exporter", "exporter.errors", "exporter.atomic", "exporter.defaults", "exporter.log",
-              "exporter.manifest", "exporter.progress", "exporter.quiet")),
+              "exporter.manifest", "exporter.progress", "exporter.quiet", "exporter.openmp")),
     # The model, what reads it from disk, and the memory its shape needs.
     ("model", ("exporter.config", "exporter.model", "exporter.checkpoint", "exporter.tokenizer",
                "exporter.gguf_import", "exporter.memory")),
