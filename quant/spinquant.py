@@ -475,25 +475,15 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
 
     t0 = time.perf_counter()
     seconds, record = {}, {}
-    generated = None
-    if needs_text and calibration is None:
-        # gptq_samples sequences one token longer than the longest window: in the cpu preset the 256 x 513
-        # tokens qlora's default trains on (the same sampler and seed), so both methods see the same text.
-        length = max(s.train_seq_len if s.rotation == "learned" else 0, s.gptq_seq_len) + 1
-        generated = generated_windows(model.to(device), inputs.tokenizer, s.gptq_samples, length, s, work, train_fp)
-    elif s.gptq and s.gptq_data != "calibration":
-        n = s.gptq_samples if s.gptq_data == "generated" else s.gptq_samples // 2
-        generated = generated_windows(model.to(device), inputs.tokenizer, n, s.gptq_seq_len, s, work, train_fp)
-    if generated is not None:
-        seconds["generation"] = round(time.perf_counter() - t0, 1)
+    pool, tokens = None, None
+    if needs_text:
+        pool, tokens = text_windows(model.to(device), inputs.tokenizer, s, calibration, work, train_fp)
+        seconds["text"] = round(time.perf_counter() - t0, 1)  # written by the model, or read from the file
     r4 = _prepare(model, s)
-    stream = data.token_stream(calibration, inputs.tokenizer) if calibration is not None else None
-    source = calibration or f"the model's own text ({s.gptq_samples} sequences)"
     r1 = r2 = None
     if s.rotation == "learned":
-        pool = (data.windows(stream, s.train_seq_len, s.seed, at_least=s.train_batch, source=calibration)
-                if stream is not None else generated[:, : s.train_seq_len])
         if s.iterations * s.train_batch > len(pool):
+            source = calibration or f"the model's own text ({s.gptq_samples} sequences)"
             _log.warning(f"spinquant: {source} holds {len(pool)} windows of {s.train_seq_len} tokens; the "
                          f"{s.iterations * s.train_batch} training samples go through them more than once")
         r1, r2, record = learn_rotations(model, pool, s, work, train_fp, device)
@@ -506,15 +496,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     t1 = time.perf_counter()
     names = [f"layers.{i}.{n}" for i in range(model.config.n_layers) for n in rotation.LAYER_LINEARS]
     if s.gptq:
-        if stream is None:
-            tokens = generated[:, : s.gptq_seq_len]
-        else:
-            # With gptq_data=mixed the calibration text need only hold the windows the generated ones leave.
-            needed = s.gptq_samples - (len(generated) if generated is not None else 0)
-            tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=needed, source=calibration)
-            if generated is not None:  # the generated windows first, calibration windows for the rest
-                tokens = torch.cat([generated, tokens])
-        weights = gptq_model(model, tokens[: s.gptq_samples], s.gptq_options(), device)
+        weights = gptq_model(model, tokens, s.gptq_options(), device)
     else:
         weights = {}
         for name in names:
@@ -532,6 +514,34 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
                              "gptq_data": s.gptq_data}
     save_result(work, fp, s, floats, weights, r1, r2, r4, record, seconds)
     return apply_scheme(model, weights)
+
+
+def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | None, work: Path,
+                 train_fp: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the rotations' training windows, GPTQ's calibration windows), None where that step does not run.
+    Without a calibration file both come from gptq_samples sequences the model writes, one token longer
+    than the longest window: in the cpu preset the 256 x 513 tokens qlora's default trains on (the same
+    sampler and seed), so both methods see the same text. With a file the rotations read its windows
+    and GPTQ takes gptq_data's share of self-written windows first, the file's for the rest."""
+    learned = s.rotation == "learned"
+    if calibration is None:
+        length = max(s.train_seq_len if learned else 0, s.gptq_seq_len) + 1
+        own = generated_windows(model, tokenizer, s.gptq_samples, length, s, work, train_fp)
+        return (own[:, : s.train_seq_len] if learned else None), (own[:, : s.gptq_seq_len] if s.gptq else None)
+    stream = data.token_stream(calibration, tokenizer)
+    pool = data.windows(stream, s.train_seq_len, s.seed, at_least=s.train_batch, source=calibration) if learned else None
+    if not s.gptq:
+        return pool, None
+    generated = None
+    if s.gptq_data != "calibration":
+        n = s.gptq_samples if s.gptq_data == "generated" else s.gptq_samples // 2
+        generated = generated_windows(model, tokenizer, n, s.gptq_seq_len, s, work, train_fp)
+    # With gptq_data=mixed the file need only hold the windows the generated ones leave.
+    needed = s.gptq_samples - (len(generated) if generated is not None else 0)
+    tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=needed, source=calibration)
+    if generated is not None:  # the generated windows first, the file's windows for the rest
+        tokens = torch.cat([generated, tokens])
+    return pool, tokens[: s.gptq_samples]
 
 
 def generated_windows(model: nn.Module, tokenizer, n: int, length: int, s: Settings, work: Path,
