@@ -9,6 +9,11 @@ one token each in turn (A B A B ..., and B A B A ... in the next round). A file'
 The first round is a warm-up (XNNPACK packs its weights on the first call) and is not counted; the
 table gives the median over the other rounds [min-max] and each file's ratio to the first file.
 
+With several files the whole measurement runs once per load order, each file loaded first in one of
+them, each in a fresh process, and the rounds of all of them are pooled (benchmarks/load_order.py: the
+file a process loads first can run slower). --one-load-order measures once, in this process, in the
+order given.
+
     python -m benchmarks.pte_speed out/ptq/model.pte out/qlora/model.pte --labels ptq,qlora
     python -m benchmarks.pte_speed A.pte B.pte --context 64,256,1024,2000 --gen 32 [--threads 1] [--roofline]
 
@@ -28,6 +33,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import load_order
 
 
 def prompt_ids(pte: Path, n: int, vocab: int) -> list[int]:
@@ -93,22 +100,67 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", default=None, help="comma-separated names for the files (default: their folders)")
     ap.add_argument("--context", default="64", help="comma-separated prompt lengths (default 64)")
     ap.add_argument("--gen", type=int, default=64, help="greedy tokens decoded after each prompt (default 64)")
-    ap.add_argument("--rounds", type=int, default=5, help="counted rounds after the warm-up (default 5)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="counted rounds after the warm-up, in each load order (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="ExecuTorch's thread pool size (default: the runtime's own choice)")
+    ap.add_argument("--prompt-from", type=Path, default=None,
+                    help="the .pte whose export directory's tokenizer writes the prompts (default: the first file)")
     ap.add_argument("--json", type=Path, default=None, help="also write every run to this file")
     ap.add_argument("--roofline", action="store_true", help="also each file's decode as a share of the memory-bandwidth bound")
+    ap.add_argument(load_order.ONE_ORDER_FLAG, action="store_true",
+                    help="load the files once, in the order given, in this process (by default every file is "
+                         "loaded first once, each order in a fresh process, and the rounds are pooled)")
     a = ap.parse_args(argv)
 
+    labels = a.labels.split(",") if a.labels else [p.parent.name or p.stem for p in a.pte]
+    if len(labels) != len(a.pte):
+        raise SystemExit(f"--labels names {len(labels)} files; {len(a.pte)} were given")
+    contexts = [int(c) for c in a.context.split(",")]
+    if a.one_load_order or len(a.pte) == 1:
+        results = measure_in_process(a, labels, contexts)
+        orders = [labels]
+    else:
+        records = load_order.run_each_order(
+            "benchmarks.pte_speed", a.pte, labels,
+            ["--context", a.context, "--gen", str(a.gen), "--rounds", str(a.rounds), "--threads", str(a.threads),
+             "--prompt-from", str(a.prompt_from or a.pte[0])])
+        results = pooled(records, labels, contexts)
+        orders = [r["load_orders"][0] for r in records]
+
+    print(f"{len(a.pte)} files, {a.rounds} rounds after a warm-up in each of {len(orders)} load order(s), "
+          f"{a.gen} decoded tokens (steps alternating), median [min-max] tokens/s")
+    print(f"| context | file | prefill | decode | prefill vs {labels[0]} | decode vs {labels[0]} |")
+    print("| --: | :-- | --: | --: | --: | --: |")
+    for c, per in results.items():
+        base = per[labels[0]]
+        for label in labels:
+            p, d = per[label]["prefill"], per[label]["decode"]
+            print(f"| {c} | {label} | {p['median']:.1f} [{p['min']:.1f}-{p['max']:.1f}] | "
+                  f"{d['median']:.2f} [{d['min']:.2f}-{d['max']:.2f}] | "
+                  f"{p['median'] / base['prefill']['median']:.3f}x | {d['median'] / base['decode']['median']:.3f}x |")
+    record = {"files": {lab: str(p) for lab, p in zip(labels, a.pte, strict=True)}, "gen": a.gen, "rounds": a.rounds,
+              "load_orders": orders, "results": results}
+    if a.roofline:
+        record["roofline"] = roofline(a.pte, labels, results, a.gen)
+    if a.json:
+        a.json.write_text(json.dumps(record, indent=2))
+    return 0
+
+
+def pooled(records: list[dict], labels: list[str], contexts: list[int]) -> dict:
+    """{context: {label: {"prefill"|"decode": spread}}} over the rounds of every load order's record."""
+    return {c: {label: {k: spread([x for r in records for x in r["results"][str(c)][label][k]["all"]])
+                        for k in ("prefill", "decode")} for label in labels} for c in contexts}
+
+
+def measure_in_process(a, labels: list[str], contexts: list[int]) -> dict:
+    """The files loaded in the order given, in this process: {context: {label: {"prefill"|"decode": spread}}}."""
     from exporter import openmp
 
     openmp.runtime_process()  # before torch loads libgomp
     from exporter.errors import PtekitError
     from exporter.runtime import PteModel
 
-    labels = a.labels.split(",") if a.labels else [p.parent.name or p.stem for p in a.pte]
-    if len(labels) != len(a.pte):
-        raise SystemExit(f"--labels names {len(labels)} files; {len(a.pte)} were given")
-    contexts = [int(c) for c in a.context.split(",")]
     try:
         models = [PteModel(p) for p in a.pte]
         if a.threads:
@@ -125,29 +177,11 @@ def main(argv=None) -> int:
 
     results = {}
     for c in contexts:
-        prompt = prompt_ids(a.pte[0], c, vocab)
+        prompt = prompt_ids(a.prompt_from or a.pte[0], c, vocab)
         runs = measure(models, prompt, a.gen, a.rounds,
                        lambda r, c=c: print(f"context {c}: round {r}/{a.rounds} done", file=sys.stderr, flush=True))
         results[c] = {label: {k: spread(v) for k, v in run.items()} for label, run in zip(labels, runs, strict=True)}
-
-    print(f"{len(models)} files, {a.rounds} rounds after a warm-up, {a.gen} decoded tokens (steps alternating), "
-          "median [min-max] tokens/s")
-    print(f"| context | file | prefill | decode | prefill vs {labels[0]} | decode vs {labels[0]} |")
-    print("| --: | :-- | --: | --: | --: | --: |")
-    for c, per in results.items():
-        base = per[labels[0]]
-        for label in labels:
-            p, d = per[label]["prefill"], per[label]["decode"]
-            print(f"| {c} | {label} | {p['median']:.1f} [{p['min']:.1f}-{p['max']:.1f}] | "
-                  f"{d['median']:.2f} [{d['min']:.2f}-{d['max']:.2f}] | "
-                  f"{p['median'] / base['prefill']['median']:.3f}x | {d['median'] / base['decode']['median']:.3f}x |")
-    record = {"files": {lab: str(p) for lab, p in zip(labels, a.pte, strict=True)}, "gen": a.gen, "rounds": a.rounds,
-              "results": results}
-    if a.roofline:
-        record["roofline"] = roofline(a.pte, labels, results, a.gen)
-    if a.json:
-        a.json.write_text(json.dumps(record, indent=2))
-    return 0
+    return results
 
 
 def roofline(ptes: list[Path], labels: list[str], results: dict, gen: int) -> dict:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -222,3 +223,44 @@ def test_roofline_reads_each_files_kv_cache_from_its_program(tiny_ptq_pte, tiny_
 
     with pytest.raises(PtekitError, match="no KV cache of 256 positions"):
         kv_bytes_per_position(tiny_ptq_pte, cfg.n_kv_heads + 1)
+
+
+def test_pte_speed_loads_every_file_first_once_and_pools_the_rounds(tiny_ptq_pte, tiny_kv8_pte, tmp_path):
+    """Two files are measured in two fresh processes, each loading a different file first, and each
+    file's figures pool the rounds of both; --one-load-order measures once in the order given."""
+    out = tmp_path / "speed.json"
+    base = [sys.executable, "-m", "benchmarks.pte_speed", str(tiny_ptq_pte), str(tiny_kv8_pte), "--labels", "fp32,int8",
+            "--context", "8,16", "--gen", "3", "--rounds", "2"]
+    r = subprocess.run([*base, "--json", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["load_orders"] == [["fp32", "int8"], ["int8", "fp32"]]
+    assert "load order 2/2: int8, fp32" in r.stderr
+    for c in ("8", "16"):
+        for label in ("fp32", "int8"):
+            decode = record["results"][c][label]["decode"]
+            assert len(decode["all"]) == 4 and min(decode["all"]) > 0  # 2 rounds in each of 2 orders
+            assert decode["median"] == round(statistics.median(decode["all"]), 2)
+    assert "| 16 | int8 |" in r.stdout and "2 load order(s)" in r.stdout
+    r = subprocess.run([*base, "--json", str(out), "--one-load-order"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["load_orders"] == [["fp32", "int8"]] and len(record["results"]["8"]["int8"]["decode"]["all"]) == 2
+    # A child's failure (a context the files cannot hold) is the parent's one-line exit, not a traceback.
+    r = subprocess.run([*base[:-6], "--context", "300"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode != 0 and "holds 256 positions" in r.stderr and "Traceback" not in r.stderr
+    assert "failed in load order fp32, int8" in r.stderr
+
+
+def test_decode_profile_averages_the_load_orders(tiny_ptq_pte, tiny_kv8_pte, tmp_path):
+    out = tmp_path / "prof.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.tools.profile_decode", str(tiny_ptq_pte), str(tiny_kv8_pte),
+                        "--prompt-len", "8", "--steps", "3", "--json", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert [x["pte"] for x in results] == [str(tiny_ptq_pte), str(tiny_kv8_pte)]
+    assert all(x["load_orders"] == 2 and x["ms_per_token"]["Method::execute"] > 0 for x in results)
+    # Each file's figures are its own in every order: the int8 cache's attention is only in its file.
+    fp32, int8 = (x["ms_per_token"] for x in results)
+    assert fp32["llama::custom_sdpa.out"] > 0 and "llama::custom_quantized_sdpa.out" not in fp32
+    assert int8["llama::custom_quantized_sdpa.out"] > 0 and "llama::custom_sdpa.out" not in int8

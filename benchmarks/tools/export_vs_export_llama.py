@@ -2,8 +2,8 @@
 
 Wall time of each export (as whole processes), the two .pte sizes, and prefill/decode tokens/s of
 both files through the same runtime (ExecuTorch's pybindings on this machine, greedy, a 64-token
-prompt of real WikiText-2 text, 128 decoded tokens, the two files' steps alternating as in
-benchmarks.pte_speed, median of N rounds after one warm-up).
+prompt of real WikiText-2 text, 128 decoded tokens, by benchmarks.pte_speed: the two files' steps
+alternating, median of N rounds after one warm-up in each of the two load orders).
 
     python -m benchmarks.tools.export_vs_export_llama [--checkpoint smollm2-135m] [--out out/vs-export-llama]
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -33,25 +32,23 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t0, (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
 
 
-def speeds(pte_paths: list[Path], prompt: list[int], gen: int, runs: int) -> list[dict]:
-    """Prefill and decode speed of each file, the files taking turns step by step (benchmarks.pte_speed)."""
-    from benchmarks.pte_speed import measure
-    from exporter.runtime import PteModel
+def speeds(pte_paths: list[Path], gen: int, rounds: int) -> list[dict]:
+    """Prefill and decode speed of each file after a 64-token prompt of WikiText-2 test text, by
+    benchmarks.pte_speed: the files taking turns step by step, each file loaded first in one of its fresh
+    processes."""
+    import tempfile
 
-    return [{"prefill_tok_s": round(statistics.median(r["prefill"]), 1), "decode_tok_s": round(statistics.median(r["decode"]), 1),
-             "prefill_all": [round(x, 1) for x in r["prefill"]], "decode_all": [round(x, 1) for x in r["decode"]]}
-            for r in measure([PteModel(p) for p in pte_paths], prompt, gen, runs)]
-
-
-def prompt_tokens(tokenizer_path: Path, n: int) -> list[int]:
-    from exporter.defaults import WIKITEXT2_TEST, data_file
-    from exporter.tokenizer import Tokenizer
-
-    tok = Tokenizer(tokenizer_path)
-    text = data_file(WIKITEXT2_TEST).read_text()[:20000]
-    ids = tok.encode(text)[:n]
-    assert len(ids) == n
-    return ids
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "speed.json"
+        labels = [f"file{i}" for i in range(len(pte_paths))]
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.pte_speed", *map(str, pte_paths), "--labels", ",".join(labels),
+                               "--context", "64", "--gen", str(gen), "--rounds", str(rounds), "--json", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SystemExit("benchmarks.pte_speed failed; its error is above")
+        per = json.loads(out.read_text())["results"]["64"]
+    return [{"prefill_tok_s": round(per[k]["prefill"]["median"], 1), "decode_tok_s": round(per[k]["decode"]["median"], 1),
+             "prefill_all": per[k]["prefill"]["all"], "decode_all": per[k]["decode"]["all"]} for k in labels]
 
 
 def main():
@@ -81,8 +78,7 @@ def main():
                             man["lowering"]["eos_ids"])
         # Kept so a rerun can take --export-llama-result instead of another quarter of an hour.
         write_text(a.out / "export_llama" / "peer.json", json.dumps(peer, indent=2))
-    prompt = prompt_tokens(ours_dir / man["tokenizer"], 64)
-    ours_speed, peer_speed = speeds([ours_dir / "model.pte", Path(peer["pte"])], prompt, a.gen, a.runs)
+    ours_speed, peer_speed = speeds([ours_dir / "model.pte", Path(peer["pte"])], a.gen, a.runs)
     result = {
         "checkpoint": a.checkpoint, "max_seq_len": a.max_seq_len,
         "ptekit": {"export_s": round(ours_s, 1), "export_cpu_s": round(ours_cpu, 1), "bytes": (ours_dir / "model.pte").stat().st_size,

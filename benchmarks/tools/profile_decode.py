@@ -13,6 +13,10 @@ decoded token the milliseconds in each, and the wall-clock decode rate measured 
 
 --prefill profiles the prompt instead: after one untimed prefill, each file prefills the same prompt
 from position 0 --steps times, the files taking turns, and the events are per prefill.
+
+With several files the profile runs once per load order, each file loaded first in one of them, each in
+a fresh process, and each figure is the mean over the orders (benchmarks/load_order.py: the file a
+process loads first can run slower). --one-load-order profiles once, in this process, in the order given.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from benchmarks import load_order
 
 EXECUTE = "Method::execute"
 XNNPACK_OP = re.compile(r"^[A-Z][^:]* \(.*\)")  # "Fully Connected (NC, F32) GEMM", "Add (ND)"; not "llama::..."
@@ -116,7 +122,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pte", nargs="+", type=Path)
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -124,7 +130,48 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="0: every core")
     ap.add_argument("--prefill", action="store_true", help="profile the prompt's prefill instead of decode steps")
     ap.add_argument("--json", type=Path, default=None)
-    a = ap.parse_args()
+    ap.add_argument(load_order.ONE_ORDER_FLAG, action="store_true",
+                    help="load the files once, in the order given, in this process (by default every file is "
+                         "loaded first once, each order in a fresh process, and the figures are averaged)")
+    a = ap.parse_args(argv)
+    if len(a.pte) > 1 and not a.one_load_order:
+        records = load_order.run_each_order(
+            "benchmarks.tools.profile_decode", a.pte, None,
+            ["--prompt-len", str(a.prompt_len), "--steps", str(a.steps), "--threads", str(a.threads),
+             *(["--prefill"] if a.prefill else [])])
+        results = averaged(records, a.pte)
+    else:
+        results = profile_in_process(a)
+        if results is None:
+            return 2
+    print(table(results))
+    if a.json:
+        from exporter.atomic import write_text
+
+        write_text(a.json, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def averaged(records: list[list[dict]], ptes: list[Path]) -> list[dict]:
+    """Per file (in the order given), its profiles from every load order averaged: each event's time, the
+    wall-clock rate and the time outside operators are the mean over the orders."""
+    out = []
+    for p in ptes:
+        runs = [next(r for r in rec if r["pte"] == str(p)) for rec in records]
+        merged = dict(runs[0], load_orders=len(runs))
+        for key, value in runs[0].items():
+            if key.startswith("ms_per_"):
+                events = {n for r in runs for n in r[key]}
+                means = {n: round(sum(r[key].get(n, 0.0) for r in runs) / len(runs), 3) for n in events}
+                merged[key] = dict(sorted(means.items(), key=lambda kv: -kv[1]))
+            elif key.endswith("_tok_s_wall") or (key == "ms_outside_operators" and value is not None):
+                vals = [r[key] for r in runs]
+                merged[key] = None if None in vals else round(sum(vals) / len(vals), 3)
+        out.append(merged)
+    return out
+
+
+def profile_in_process(a) -> list[dict] | None:
     from exporter import openmp
 
     openmp.runtime_process()  # before torch loads libgomp
@@ -137,16 +184,10 @@ def main():
     from exporter.errors import PtekitError
 
     try:
-        results = profile(a.pte, a.prompt_len, a.steps, a.prefill)
+        return profile(a.pte, a.prompt_len, a.steps, a.prefill)
     except PtekitError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(table(results))
-    if a.json:
-        from exporter.atomic import write_text
-
-        write_text(a.json, json.dumps(results, indent=2) + "\n")
-    return 0
+        return None
 
 
 if __name__ == "__main__":
