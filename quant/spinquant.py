@@ -101,10 +101,6 @@ class Settings:
     # unchanged): on SmolLM2 after the learned rotations it cut PPL from 34.07 to 33.06 (BENCHMARKS.md).
     act_order: bool = True
     true_sequential: bool = True
-    # What the rotations minimise: "ce", the next-token cross-entropy of the quantized network on the text;
-    # "kl", its KL divergence from the float model's next-token distribution at every position of the text
-    # (the float model's logits computed alongside, about a fifth more time a step on a CPU).
-    rotation_loss: str = "ce"
     init_probe: int = 5  # init=auto: steps each start is optimized before the better one is kept
     init_eval_batches: int = 2  # init=auto with init_probe=0: batches the starts' loss is compared on
     checkpoint_layers: bool = True
@@ -163,7 +159,7 @@ def settings_from(inputs) -> Settings:
     if s.bf16 is None:
         s = dataclasses.replace(s, bf16=native_bf16(resolve_device(inputs.device)))
     for key, allowed in (("rotation", ("learned", "hadamard", "none")), ("init", ("auto", "identity", "hadamard")),
-                         ("gptq_data", ("calibration", "generated", "mixed")), ("rotation_loss", ("ce", "kl"))):
+                         ("gptq_data", ("calibration", "generated", "mixed"))):
         if getattr(s, key) not in allowed:
             raise PtekitError(f"spinquant: option {key}={getattr(s, key)!r}; choose one of {', '.join(allowed)}")
     if s.iterations < 0 or s.train_batch < 1 or s.gptq_samples < 1:
@@ -189,19 +185,15 @@ class _QuantTrainLinear(nn.Module):
 
 
 class QuantizedLoss:
-    """Loss of the rotated, fake-quantized network, as a function of R1 and R2: its next-token
-    cross-entropy on the text, or (kl=True) its KL divergence from the float model at every position.
+    """Next-token loss of the rotated, fake-quantized network, as a function of R1 and R2.
 
-    Takes a folded model (R4 already merged); rotating it changes nothing in float, so the folded model
-    is itself the float reference for kl. The classifier's 8-bit weight rounding is left out: modelling
-    it costs a vocab x dim x dim product per step, more than the tokens on a CPU; its 8-bit input
-    quantization is kept.
+    Takes a folded model (R4 already merged). The classifier's 8-bit weight rounding is left out:
+    modelling it costs a vocab x dim x dim product per step, more than the tokens on a CPU; its
+    8-bit input quantization is kept.
     """
 
-    def __init__(self, model: nn.Module, device: str, checkpoint_layers: bool = False, bf16: bool = True,
-                 kl: bool = False):
+    def __init__(self, model: nn.Module, device: str, checkpoint_layers: bool = False, bf16: bool = True):
         self.cfg = model.config
-        self.reference = model if kl else None
         self.device = device
         # Matmuls in bf16 (rotating the weights and running the network); rotations, weights and
         # the quantizers' arithmetic stay fp32. Two to three times faster on CPUs with bf16 dot products.
@@ -249,11 +241,7 @@ class QuantizedLoss:
                 h = self._block(i, h, r1, r2[i], rope)
         h = self.norm(h)
         logits = F.linear(fake_quant.act(h) @ r1.t(), self.out)
-        if self.reference is None:
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-        with torch.no_grad():
-            target = F.log_softmax(self.reference(tokens).flatten(0, 1).float(), -1)
-        return F.kl_div(F.log_softmax(logits.flatten(0, 1).float(), -1), target, log_target=True, reduction="batchmean")
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
 def random_rotations(cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +268,7 @@ def learn_rotations(model: nn.Module, pool: torch.Tensor, s: Settings, work_dir:
     and continues from there when the state matches `fingerprint` (a state that does not is an
     error: quant.method's resume policy). on_step(step, loss) is called after each saved step.
     Returns (R1, R2, record)."""
-    loss_fn = QuantizedLoss(model, device, s.checkpoint_layers and device != "cpu", s.bf16, kl=s.rotation_loss == "kl")
+    loss_fn = QuantizedLoss(model, device, s.checkpoint_layers and device != "cpu", s.bf16)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     state_path = Path(work_dir) / STATE
     state = load_state(state_path, fingerprint, work_dir)
@@ -386,12 +374,12 @@ def _save_state(path: Path, state: dict) -> None:
 # What the learned rotations depend on; the GPTQ settings are left out so that changing them
 # reuses finished rotations (once the old result is deleted: load_result says so).
 TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "train_batch", "train_seq_len",
-                   "rotation_loss", "init_probe", "init_eval_batches", "bf16", "seed")
+                   "init_probe", "init_eval_batches", "bf16", "seed")
 
 
 # Options added after results were saved, with the value that reproduces what ran before them: at that value
 # the option stays out of the fingerprint, so older results keep theirs.
-OPTIONS_ADDED_LATER = {"scale_search": False, "gptq_data": "calibration", "gptq_asymmetric": False, "rotation_loss": "ce"}
+OPTIONS_ADDED_LATER = {"scale_search": False, "gptq_data": "calibration", "gptq_asymmetric": False}
 
 
 def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str]:
@@ -405,7 +393,7 @@ def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tup
     out = []
     for keys in (TRAINING_FIELDS, tuple(settings)):
         hk = h.copy()
-        hk.update(json.dumps({k: settings[k] for k in keys if k in settings}, sort_keys=True).encode())
+        hk.update(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode())
         out.append(hk.hexdigest())
     return out[0], out[1]
 

@@ -350,38 +350,6 @@ def test_layer_checkpointing_gives_the_same_loss_and_gradients():
     assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
 
 
-def test_kl_rotation_loss_is_the_quantized_networks_distance_from_the_float_model(monkeypatch, tmp_path):
-    """rotation_loss=kl: the KL of the rotated, quantized network from the float model at every position.
-    It is positive with the quantizers, zero without them (the rotated float network is the model), its
-    gradient reaches R1 and R2, and it is part of the rotations' fingerprint (ce, the default, is not)."""
-    from quant import fake_quant, spinquant
-
-    model = tiny_float_model(torch.float32)
-    rotation.fold_norms(model)
-    rotation.insert_r4(model)
-    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    r1, r2 = (nn.Parameter(t.float()) for t in spinquant.random_rotations(model.config, 0))
-    loss_fn = spinquant.QuantizedLoss(model, "cpu", bf16=False, kl=True)
-    kl = loss_fn(tokens, r1, r2)
-    kl.backward()
-    assert 0 < kl.item() < 5 and r1.grad.abs().sum() > 0 and r2.grad.abs().sum() > 0
-    for name in ("act", "block_weight", "embedding_rows"):
-        monkeypatch.setattr(fake_quant, name, lambda x: x)
-    assert loss_fn(tokens, r1.detach(), r2.detach()).item() < 1e-6
-    # Without quantizers the cross-entropy is the float model's own.
-    ce = spinquant.QuantizedLoss(model, "cpu", bf16=False)(tokens, r1.detach(), r2.detach())
-    want = nn.functional.cross_entropy(model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-    torch.testing.assert_close(ce, want, atol=1e-5, rtol=1e-5)
-
-    def fp(**options):
-        s = spinquant.settings_from(MethodInputs(work_dir=tmp_path, options={**TINY_OPTIONS, **options}))
-        return spinquant.fingerprints(model, s, None)[0]
-
-    assert fp() == fp(rotation_loss="ce") != fp(rotation_loss="kl")
-    with pytest.raises(PtekitError, match="rotation_loss='entropy'; choose one of ce, kl"):
-        fp(rotation_loss="entropy")
-
-
 def test_calibration_files(tmp_path):
     from quant import data
 
