@@ -382,9 +382,12 @@ TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "tr
 OPTIONS_ADDED_LATER = {"scale_search": False, "gptq_data": "calibration", "gptq_asymmetric": False}
 
 
-def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str]:
-    """(rotations, result): hashes of the weights, the calibration text and the settings each depends on."""
+def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str, str]:
+    """(text, rotations, result): hashes of what each depends on. The model's own text depends on its
+    weights alone (and on its count, length and seed, which generated_windows adds); the rotations also
+    on the calibration text and the training settings; the result on every setting."""
     h = update_with_weights(hashlib.sha256(), model)
+    text = h.hexdigest()
     if calibration is not None:
         update_with_file(h, Path(calibration))
     elif s.rotation == "learned" or s.gptq:  # the model's own text: how many sequences it writes, and how long
@@ -395,7 +398,7 @@ def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tup
         hk = h.copy()
         hk.update(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode())
         out.append(hk.hexdigest())
-    return out[0], out[1]
+    return text, out[0], out[1]
 
 
 def _prepare(model: nn.Module, s: Settings) -> bool:
@@ -461,7 +464,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     if needs_text and inputs.tokenizer is None:
         raise PtekitError("spinquant: needs the checkpoint's tokenizer to write or read its calibration text")
     model = model.float()
-    train_fp, fp = fingerprints(model, s, calibration)
+    text_fp, train_fp, fp = fingerprints(model, s, calibration)
 
     saved = load_result(work, fp)
     if saved is not None:
@@ -477,7 +480,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     seconds, record = {}, {}
     pool, tokens = None, None
     if needs_text:
-        pool, tokens = text_windows(model.to(device), inputs.tokenizer, s, calibration, work, train_fp)
+        pool, tokens = text_windows(model.to(device), inputs.tokenizer, s, calibration, work, text_fp)
         seconds["text"] = round(time.perf_counter() - t0, 1)  # written by the model, or read from the file
     r4 = _prepare(model, s)
     r1 = r2 = None
@@ -517,7 +520,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
 
 
 def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | None, work: Path,
-                 train_fp: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                 text_fp: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(the rotations' training windows, GPTQ's calibration windows), None where that step does not run.
     Without a calibration file both come from gptq_samples sequences the model writes, one token longer
     than the longest window: in the cpu preset the 256 x 513 tokens qlora's default trains on (the same
@@ -526,7 +529,7 @@ def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | N
     learned = s.rotation == "learned"
     if calibration is None:
         length = max(s.train_seq_len if learned else 0, s.gptq_seq_len) + 1
-        own = generated_windows(model, tokenizer, s.gptq_samples, length, s, work, train_fp)
+        own = generated_windows(model, tokenizer, s.gptq_samples, length, s, work, text_fp)
         return (own[:, : s.train_seq_len] if learned else None), (own[:, : s.gptq_seq_len] if s.gptq else None)
     stream = data.token_stream(calibration, tokenizer)
     pool = data.windows(stream, s.train_seq_len, s.seed, at_least=s.train_batch, source=calibration) if learned else None
@@ -535,7 +538,7 @@ def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | N
     generated = None
     if s.gptq_data != "calibration":
         n = s.gptq_samples if s.gptq_data == "generated" else s.gptq_samples // 2
-        generated = generated_windows(model, tokenizer, n, s.gptq_seq_len, s, work, train_fp)
+        generated = generated_windows(model, tokenizer, n, s.gptq_seq_len, s, work, text_fp)
     # With gptq_data=mixed the file need only hold the windows the generated ones leave.
     needed = s.gptq_samples - (len(generated) if generated is not None else 0)
     tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=needed, source=calibration)
@@ -545,12 +548,13 @@ def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | N
 
 
 def generated_windows(model: nn.Module, tokenizer, n: int, length: int, s: Settings, work: Path,
-                      train_fp: str) -> torch.Tensor:
-    """n sequences of `length` tokens written by the model as it is, before anything rotates it, kept in the
-    work directory so that an interrupted run, or one that changes only GPTQ's options, reuses them (the
-    file is named by what the text depends on): [n, length]."""
-    key = hashlib.sha256(json.dumps([train_fp, n, length, s.seed]).encode()).hexdigest()[:16]
-    cache = work / f"gptq-generated-{key}.jsonl"
+                      text_fp: str) -> torch.Tensor:
+    """n sequences of `length` tokens written by the model as it is, before anything rotates it: [n, length].
+    Kept in the work directory under a name made of what the text depends on (text_fp: the weights; n,
+    length, seed), so an interrupted run, or one that changes only the rotations' or GPTQ's options,
+    reads them instead of writing them again."""
+    key = hashlib.sha256(json.dumps([text_fp, n, length, s.seed]).encode()).hexdigest()[:16]
+    cache = work / f"own-text-{key}.jsonl"
     if not cache.exists():
         sft_data.save_examples(cache, sft_data.self_generated(model, tokenizer, n, length, seed=s.seed,
                                                                what="calibration text"))

@@ -449,7 +449,7 @@ def test_mixed_gptq_data_is_half_self_generated_and_kept_for_a_rerun(tiny96_hf, 
     half = s.gptq_samples // 2
     torch.testing.assert_close(tokens[half:], calib[:half])
     assert not any(torch.equal(row, c) for row in tokens[:half] for c in calib)  # not calibration windows
-    cached = list(tmp_path.glob("gptq-generated-*.jsonl"))
+    cached = list(tmp_path.glob("own-text-*.jsonl"))
     assert len(cached) == 1
     assert torch.equal(torch.tensor([e.tokens for e in sft_data.read_examples(cached[0])]), tokens[:half])
 
@@ -464,6 +464,10 @@ def test_mixed_gptq_data_is_half_self_generated_and_kept_for_a_rerun(tiny96_hf, 
     spinquant.quantize(build_model(ckpt, max_seq_len=64), inputs(tmp_path, tok, calibration, rotation="hadamard",
                                                                  gptq_data="mixed", gptq_asymmetric="false"))
     assert torch.equal(seen[2], tokens)
+    shutil.rmtree(tmp_path / spinquant.RESULT)  # nor when a rotation training option changes
+    spinquant.quantize(build_model(ckpt, max_seq_len=64), inputs(tmp_path, tok, calibration, rotation="hadamard",
+                                                                 gptq_data="mixed", lr="0.5"))
+    assert torch.equal(seen[3], tokens)
     with pytest.raises(PtekitError, match="gptq_data='text'; choose one of calibration, generated, mixed"):
         spinquant.settings_from(inputs(tmp_path, tok, calibration, gptq_data="text"))
 
