@@ -169,6 +169,10 @@ def test_decode_profile_sums_the_runtimes_own_events(tiny_ptq_pte):
     assert r["ms_outside_operators"] >= -0.01 * ms["Method::execute"]
     assert r["decode_tok_s_wall"] > 0
     assert r["xnnpack_operators_per_token"] > 0  # the delegate's operators, counted from their events
+    # The longest single operator call is one of the summed kinds, and a part of a step.
+    big = r["largest_operator"]
+    assert big["name"] in ms and big["name"] not in ("Method::execute", "DELEGATE_CALL", "OPERATOR_CALL")
+    assert 0 < big["ms"] < 1.5 * ms["Method::execute"]
     # --prefill: the events of whole prompts, under their own key, the parts inside the method's time.
     (p,) = profile([tiny_ptq_pte], prompt_len=8, steps=4, prefill=True)
     pm = p["ms_per_prefill"]

@@ -35,6 +35,7 @@ from pathlib import Path
 from benchmarks import load_order
 
 EXECUTE = "Method::execute"
+CALLS = (EXECUTE, "DELEGATE_CALL", "OPERATOR_CALL")  # the method and its calls, not operators
 XNNPACK_OP = re.compile(r"^[A-Z][^:]* \(.*\)")  # "Fully Connected (NC, F32) GEMM", "Add (ND)"; not "llama::..."
 
 
@@ -53,9 +54,11 @@ class Traced:
             self.step_s.append(time.perf_counter() - t0)
         return int(logits.argmax())
 
-    def events(self, skip_first: int) -> tuple[dict, int]:
-        """Event name -> total ms over the executions after the first `skip_first` (the prefill), and how
-        many XNNPACK operators one execution runs (each is one event, its times one per execution)."""
+    def events(self, skip_first: int) -> tuple[dict, int, dict]:
+        """Event name -> total ms over the executions after the first `skip_first` (the prefill), how
+        many XNNPACK operators one execution runs (each is one event, its times one per execution), and the
+        operator call that takes longest ({"name", "ms": its median per execution}): in a language model,
+        the classifier's GEMM, whose time the by-kind totals mix with the blocks' GEMMs of the same kind."""
         from executorch.devtools import Inspector
 
         with tempfile.TemporaryDirectory() as d:
@@ -64,14 +67,17 @@ class Traced:
             inspector = Inspector(etdump_path=str(dump))
         totals: dict[str, float] = defaultdict(float)
         xnnpack_ops = 0
+        largest = {"name": None, "ms": 0.0}
         for block in inspector.event_blocks:
             for ev in block.events:
                 name = re.sub(r" #\d+$", "", ev.name)  # XNNPACK numbers each operator; sum by kind
                 xnnpack_ops += XNNPACK_OP.match(name) is not None
-                times = list(ev.perf_data.raw) if ev.perf_data is not None else []
-                for ms in times[skip_first:]:
+                times = list(ev.perf_data.raw)[skip_first:] if ev.perf_data is not None else []
+                for ms in times:
                     totals[name] += ms
-        return dict(totals), xnnpack_ops
+                if times and name not in CALLS and statistics.median(times) > largest["ms"]:
+                    largest = {"name": name, "ms": round(statistics.median(times), 3)}
+        return dict(totals), xnnpack_ops, largest
 
 
 def profile(paths: list[Path], prompt_len: int, steps: int, prefill: bool = False) -> list[dict]:
@@ -86,7 +92,7 @@ def profile(paths: list[Path], prompt_len: int, steps: int, prefill: bool = Fals
                 nxt[i] = r.forward([nxt[i]], prompt_len + step, timed=True)
     out = []
     for r in runs:
-        totals, xnnpack_ops = r.events(skip_first=1)
+        totals, xnnpack_ops, largest = r.events(skip_first=1)
         per_token = {k: round(v / steps, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
         execute = per_token.get(EXECUTE)
         # The delegate's own operators nest inside DELEGATE_CALL; these two are the method's top level.
@@ -97,7 +103,8 @@ def profile(paths: list[Path], prompt_len: int, steps: int, prefill: bool = Fals
                     f"{'prefill' if prefill else 'decode'}_tok_s_wall": round(tok_s, 2),
                     "xnnpack_operators_per_prefill" if prefill else "xnnpack_operators_per_token": xnnpack_ops,
                     "ms_per_prefill" if prefill else "ms_per_token": per_token,
-                    "ms_outside_operators": round(execute - inside, 3) if execute is not None else None})
+                    "ms_outside_operators": round(execute - inside, 3) if execute is not None else None,
+                    "largest_operator": largest})
     return out
 
 
@@ -115,6 +122,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {n} | " + " | ".join(f"{r[key].get(n, 0):.3f}" for r in results) + " |")
     lines.append("| outside any operator (the method's own work) | " + " | ".join(
         f"{r['ms_outside_operators']:.3f}" if r["ms_outside_operators"] is not None else "n/a" for r in results) + " |")
+    lines.append(f"| the longest operator call, ms per {per.split()[-1]} | " + " | ".join(
+        f"{r['largest_operator']['ms']:.3f} ({r['largest_operator']['name']})" for r in results) + " |")
     lines.append(f"| XNNPACK operators run per {per} | " + " | ".join(
         str(r[ops]) for r in results) + " |")
     lines.append(f"| {phase} tok/s (wall, median step) | " + " | ".join(f"{r[f'{phase}_tok_s_wall']:.1f}"
@@ -154,7 +163,8 @@ def main(argv=None):
 
 def averaged(records: list[list[dict]], ptes: list[Path]) -> list[dict]:
     """Per file (in the order given), its profiles from every load order averaged: each event's time, the
-    wall-clock rate and the time outside operators are the mean over the orders."""
+    wall-clock rate, the time outside operators and the longest operator call's time are the mean over the
+    orders."""
     out = []
     for p in ptes:
         runs = [next(r for r in rec if r["pte"] == str(p)) for rec in records]
@@ -167,6 +177,9 @@ def averaged(records: list[list[dict]], ptes: list[Path]) -> list[dict]:
             elif key.endswith("_tok_s_wall") or (key == "ms_outside_operators" and value is not None):
                 vals = [r[key] for r in runs]
                 merged[key] = None if None in vals else round(sum(vals) / len(vals), 3)
+            elif key == "largest_operator":  # its time averaged; the names of every order's, if they differ
+                merged[key] = {"name": " / ".join(sorted({r[key]["name"] for r in runs})),
+                               "ms": round(sum(r[key]["ms"] for r in runs) / len(runs), 3)}
         out.append(merged)
     return out
 
