@@ -19,6 +19,13 @@ from pathlib import Path
 ONE_ORDER_FLAG = "--one-load-order"
 
 
+def add_one_order_flag(ap, combined: str) -> None:
+    """The benchmark's --one-load-order; `combined` says what it does with the orders' runs by default."""
+    ap.add_argument(ONE_ORDER_FLAG, action="store_true",
+                    help=f"load the files once, in the order given, in this process (by default every file is "
+                         f"loaded first once, each order in a fresh process, and {combined})")
+
+
 def rotations(n: int) -> list[list[int]]:
     """The n cyclic orders of n items: each item comes first in exactly one."""
     return [list(range(k, n)) + list(range(k)) for k in range(n)]

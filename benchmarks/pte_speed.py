@@ -107,9 +107,7 @@ def main(argv=None) -> int:
                     help="the .pte whose export directory's tokenizer writes the prompts (default: the first file)")
     ap.add_argument("--json", type=Path, default=None, help="also write every run to this file")
     ap.add_argument("--roofline", action="store_true", help="also each file's decode as a share of the memory-bandwidth bound")
-    ap.add_argument(load_order.ONE_ORDER_FLAG, action="store_true",
-                    help="load the files once, in the order given, in this process (by default every file is "
-                         "loaded first once, each order in a fresh process, and the rounds are pooled)")
+    load_order.add_one_order_flag(ap, "the rounds are pooled")
     a = ap.parse_args(argv)
 
     labels = a.labels.split(",") if a.labels else [p.parent.name or p.stem for p in a.pte]
@@ -143,7 +141,9 @@ def main(argv=None) -> int:
     if a.roofline:
         record["roofline"] = roofline(a.pte, labels, results, a.gen)
     if a.json:
-        a.json.write_text(json.dumps(record, indent=2))
+        from exporter.atomic import write_text
+
+        write_text(a.json, json.dumps(record, indent=2))
     return 0
 
 

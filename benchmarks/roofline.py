@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from exporter.openmp import torch_threads
+
 # Bytes per element of the ExecuTorch schema's scalar types a KV cache can hold.
 _ELEMENT_BYTES = {"CHAR": 1, "BYTE": 1, "HALF": 2, "BFLOAT16": 2, "FLOAT": 4, "DOUBLE": 8}
 
@@ -23,12 +25,8 @@ def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
     """Copy bandwidth (bytes read + bytes written per second) of a buffer far larger than the
     caches, on every CPU the OS reports (a .pte runner process keeps torch at one OpenMP thread:
     exporter.openmp), best of `repeats` (a shared machine only ever slows it down)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
+    with torch_threads(os.cpu_count() or 1):
         return _copy_bandwidth(mib, repeats)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _copy_bandwidth(mib: int, repeats: int) -> dict:

@@ -29,14 +29,19 @@ def runtime_process() -> None:
 
 
 @contextmanager
-def one_thread_for_runtime_calls():
-    """Around a call into ExecuTorch's runtime: the calling thread's OpenMP regions at one thread, then
-    torch's thread count as it was (a .pte evaluated beside an eager model keeps the model's threads)."""
+def torch_threads(n: int):
+    """The calling thread's OpenMP (torch's thread count) at n inside the block, as it was after it."""
     import torch
 
     saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def one_thread_for_runtime_calls():
+    """Around a call into ExecuTorch's runtime: the calling thread's OpenMP regions at one thread, then
+    torch's thread count as it was (a .pte evaluated beside an eager model keeps the model's threads)."""
+    return torch_threads(1)

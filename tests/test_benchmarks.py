@@ -233,8 +233,8 @@ def test_pte_speed_loads_every_file_first_once_and_pools_the_rounds(tiny_ptq_pte
     """Two files are measured in two fresh processes, each loading a different file first, and each
     file's figures pool the rounds of both; --one-load-order measures once in the order given."""
     out = tmp_path / "speed.json"
-    base = [sys.executable, "-m", "benchmarks.pte_speed", str(tiny_ptq_pte), str(tiny_kv8_pte), "--labels", "fp32,int8",
-            "--context", "8,16", "--gen", "3", "--rounds", "2"]
+    files = [sys.executable, "-m", "benchmarks.pte_speed", str(tiny_ptq_pte), str(tiny_kv8_pte), "--labels", "fp32,int8"]
+    base = [*files, "--context", "8,16", "--gen", "3", "--rounds", "2"]
     r = subprocess.run([*base, "--json", str(out)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads(out.read_text())
@@ -251,7 +251,7 @@ def test_pte_speed_loads_every_file_first_once_and_pools_the_rounds(tiny_ptq_pte
     record = json.loads(out.read_text())
     assert record["load_orders"] == [["fp32", "int8"]] and len(record["results"]["8"]["int8"]["decode"]["all"]) == 2
     # A child's failure (a context the files cannot hold) is the parent's one-line exit, not a traceback.
-    r = subprocess.run([*base[:-6], "--context", "300"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([*files, "--context", "300"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode != 0 and "holds 256 positions" in r.stderr and "Traceback" not in r.stderr
     assert "failed in load order fp32, int8" in r.stderr
 

@@ -139,9 +139,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="0: every core")
     ap.add_argument("--prefill", action="store_true", help="profile the prompt's prefill instead of decode steps")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument(load_order.ONE_ORDER_FLAG, action="store_true",
-                    help="load the files once, in the order given, in this process (by default every file is "
-                         "loaded first once, each order in a fresh process, and the figures are averaged)")
+    load_order.add_one_order_flag(ap, "the figures are averaged")
     a = ap.parse_args(argv)
     if len(a.pte) > 1 and not a.one_load_order:
         records = load_order.run_each_order(
