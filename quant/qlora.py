@@ -207,19 +207,19 @@ def data_id(src, s: QLoRASettings, seed: int) -> str:
 
 
 def training_windows(src, inputs: MethodInputs, s: QLoRASettings, seq_len: int, teacher: nn.Module,
-                     device: torch.device, d: Dist, fp: str) -> sft_data.Windows:
+                     device: torch.device, d: Dist, weights: str) -> sft_data.Windows:
     if src == sft_data.SELF_GENERATED:
-        cache = inputs.work_dir / f"self-generated-{fp}.jsonl"
-        if not cache.exists() and d.main:
-            teacher.to(device)
-            examples = sft_data.self_generated(teacher, inputs.tokenizer, s.gen_sequences, seq_len + 1,
-                                               seed=inputs.seed, progress=s.progress)
-            sft_data.save_examples(cache, examples)
+        def text():
+            return sft_data.own_text(teacher.to(device), inputs.tokenizer, s.gen_sequences, seq_len + 1, inputs.seed,
+                                     inputs.work_dir, weights, progress=s.progress)
+
+        if d.main:  # the main process writes the text; the others read it after the barrier
+            text()
         if d.world > 1:
             import torch.distributed as dist
 
             dist.barrier()
-        windows = sft_data.pack(sft_data.read_examples(cache), seq_len, "self-generated data")
+        windows = sft_data.pack(text(), seq_len, "self-generated data")
         if s.train_text == "mixed":
             windows = _with_calibration_text(windows, inputs)
         source = "self-generated data"
@@ -311,7 +311,8 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
 
     # One fingerprint per round, chained: a round's checkpoint is reused only by a run that
     # would have produced it (same weights, data and settings up to that round).
-    fp_data = _hash(weights_hash(model), data_id(src, s, inputs.seed), seq_len)
+    weights = weights_hash(model)
+    fp_data = _hash(weights, data_id(src, s, inputs.seed), seq_len)
     # GPTQ's options that came after starts were saved name themselves only when on, so those starts keep
     # their fingerprint.
     gptq_on = [name for name, on in (("scale_search", s.gptq_scale_search), ("asymmetric", s.gptq_asymmetric)) if on]
@@ -335,7 +336,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
         return apply_scheme(lora.fold_scales(model), qat.convert(model))
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    windows = training_windows(src, inputs, s, seq_len, teacher, device, d, fp_data)
+    windows = training_windows(src, inputs, s, seq_len, teacher, device, d, weights)
     store_in_bf16_where_exact(teacher)  # after the generation, which would upcast every weight every token
     model.to(device)
     teacher.to(device)

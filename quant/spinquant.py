@@ -549,16 +549,10 @@ def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | N
 
 def generated_windows(model: nn.Module, tokenizer, n: int, length: int, s: Settings, work: Path,
                       text_fp: str) -> torch.Tensor:
-    """n sequences of `length` tokens written by the model as it is, before anything rotates it: [n, length].
-    Kept in the work directory under a name made of what the text depends on (text_fp: the weights; n,
-    length, seed), so an interrupted run, or one that changes only the rotations' or GPTQ's options,
-    reads them instead of writing them again."""
-    key = hashlib.sha256(json.dumps([text_fp, n, length, s.seed]).encode()).hexdigest()[:16]
-    cache = work / f"own-text-{key}.jsonl"
-    if not cache.exists():
-        sft_data.save_examples(cache, sft_data.self_generated(model, tokenizer, n, length, seed=s.seed,
-                                                               what="calibration text"))
-    return torch.tensor([e.tokens for e in sft_data.read_examples(cache)])
+    """n sequences of `length` tokens written by the model as it is, before anything rotates it: [n, length]
+    (sft_data.own_text keeps them in the work directory; text_fp: the weights' hash)."""
+    examples = sft_data.own_text(model, tokenizer, n, length, s.seed, work, text_fp[:16], what="calibration text")
+    return torch.tensor([e.tokens for e in examples])
 
 
 def _is_block_linear(key: str) -> bool:

@@ -391,6 +391,29 @@ def test_self_generated_data_is_the_models_own_text():
         assert int(model(seq[:, :1])[0, -1].argmax()) == a[0].tokens[1]
 
 
+def test_own_text_is_written_once_per_weights_count_length_and_seed(tmp_path, monkeypatch):
+    """spinquant and qlora keep the model's own text through sft_data.own_text: a second call with the
+    same weights hash, count, length and seed reads the file instead of generating; any of them changed
+    writes another."""
+    from quant import sft_data
+
+    model, calls = small_model(), []
+    real = sft_data.self_generated
+
+    def counting(*a, **k):
+        calls.append(a[2:4])
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft_data, "self_generated", counting)
+    first = sft_data.own_text(model, None, 3, 20, 1, tmp_path, "w0", progress=False)
+    again = sft_data.own_text(model, None, 3, 20, 1, tmp_path, "w0", progress=False)
+    assert [e.tokens for e in again] == [e.tokens for e in first] and len(calls) == 1
+    for other in ((3, 20, 2, "w0"), (3, 20, 1, "w1"), (2, 20, 1, "w0"), (3, 21, 1, "w0")):
+        n, length, seed, weights = other
+        sft_data.own_text(model, None, n, length, seed, tmp_path, weights, progress=False)
+    assert len(calls) == 5 and len(list(tmp_path.glob("own-text-*.jsonl"))) == 5
+
+
 def test_mixed_text_alternates_the_models_own_windows_with_the_calibration_texts(tok, wikitext_valid, tmp_path):
     """train_text=mixed: each generated window followed by a window of WikiText-2's validation text, every
     position a distillation target, and its own fingerprint (the saved rounds of the other are not reused)."""
