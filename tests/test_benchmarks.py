@@ -209,6 +209,37 @@ def test_pte_distance_sets_one_file_against_another(tiny_ptq_pte, tiny_kv8_pte):
     assert 0 < kv8["kl_a_b"]["mean"] < 0.01 and kv8["top1_agreement"]["mean"] > 0.85
 
 
+def test_moved_attention_tensors_leave_the_logits_as_they_were(tiny_ptq_pte, tiny_kv8_pte, tmp_path):
+    """move_planned_tensors edits only where the attention's tensors lie in the planned memory: every
+    moved copy runs in ExecuTorch's runtime with the original's logits bit for bit (same_logits), while
+    a file with other numbers (the int8 cache) is reported different, exit status 1."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    def same(a, b):
+        r = subprocess.run([sys.executable, "-m", "benchmarks.tools.same_logits", str(a), str(b), "--prompt-len", "16",
+                            "--steps", "8"], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode in (0, 1), r.stderr[-2000:]
+        return r.returncode == 0, r.stdout
+
+    def sdpa_offsets(path):
+        plan = deserialize_pte_binary(path.read_bytes()).program.execution_plan[0]
+        calls = [i.instr_args.args for i in plan.chains[0].instructions if type(i.instr_args).__name__ == "KernelCall"
+                 and "sdpa" in plan.operators[i.instr_args.op_index].name]
+        return [[plan.values[c[j]].val.allocation_info.memory_offset_low for j in (0, 1, 2, -1)] for c in calls]
+
+    before = sdpa_offsets(tiny_ptq_pte)
+    for what, offset, moved in (("query", "0x800", 0), ("output", "0x0", 3), ("caches", "0x10000", 1)):
+        out = tmp_path / f"{what}.pte"
+        r = subprocess.run([sys.executable, "-m", "benchmarks.tools.move_planned_tensors", str(tiny_ptq_pte), str(out),
+                            "--what", what, "--offset", offset], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, r.stderr[-2000:]
+        after = sdpa_offsets(out)
+        assert all(a[moved] != b[moved] for a, b in zip(after, before)), what
+        assert same(tiny_ptq_pte, out)[0], what
+    identical, report = same(tiny_ptq_pte, tiny_kv8_pte)
+    assert not identical and report.startswith("different")
+
+
 def test_roofline_reads_each_files_kv_cache_from_its_program(tiny_ptq_pte, tiny_kv8_pte):
     """The roofline's cache bytes come from the .pte's own planned buffers (export_llama's files carry no
     manifest): the fp32 and the int8 file's buffers give what the cache layouts' arithmetic says."""
