@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--labels names {len(labels)} files; {len(a.pte)} were given")
     contexts = [int(c) for c in a.context.split(",")]
     if a.one_load_order or len(a.pte) == 1:
-        results = measure_in_process(a, labels, contexts)
+        results = measure_in_process(a.pte, labels, contexts, a.gen, a.rounds, a.threads, a.prompt_from or a.pte[0])
         orders = [labels]
     else:
         records = load_order.run_each_order(
@@ -153,8 +153,11 @@ def pooled(records: list[dict], labels: list[str], contexts: list[int]) -> dict:
                         for k in ("prefill", "decode")} for label in labels} for c in contexts}
 
 
-def measure_in_process(a, labels: list[str], contexts: list[int]) -> dict:
-    """The files loaded in the order given, in this process: {context: {label: {"prefill"|"decode": spread}}}."""
+def measure_in_process(ptes: list[Path], labels: list[str], contexts: list[int], gen: int, rounds: int,
+                       threads: int, prompt_from: Path) -> dict:
+    """The files loaded in the order given, in this process: {context: {label: {"prefill"|"decode": spread}}}.
+    threads: ExecuTorch's thread pool size (0: the runtime's own); prompt_from: the .pte whose tokenizer
+    writes the prompts."""
     from exporter import openmp
 
     openmp.runtime_process()  # before torch loads libgomp
@@ -162,24 +165,24 @@ def measure_in_process(a, labels: list[str], contexts: list[int]) -> dict:
     from exporter.runtime import PteModel
 
     try:
-        models = [PteModel(p) for p in a.pte]
-        if a.threads:
+        models = [PteModel(p) for p in ptes]
+        if threads:
             from executorch.extension.pybindings import portable_lib
 
-            portable_lib._unsafe_reset_threadpool(a.threads)
+            portable_lib._unsafe_reset_threadpool(threads)
     except PtekitError as e:
         raise SystemExit(str(e)) from None
-    for p, m in zip(a.pte, models, strict=True):
+    for p, m in zip(ptes, models, strict=True):
         limit = int(m.meta("get_max_seq_len", 2048))
-        if max(contexts) + a.gen > limit:
-            raise SystemExit(f"{p}: holds {limit} positions; --context {max(contexts)} + --gen {a.gen} does not fit")
+        if max(contexts) + gen > limit:
+            raise SystemExit(f"{p}: holds {limit} positions; --context {max(contexts)} + --gen {gen} does not fit")
     vocab = int(models[0].meta("get_vocab_size", 32000))
 
     results = {}
     for c in contexts:
-        prompt = prompt_ids(a.prompt_from or a.pte[0], c, vocab)
-        runs = measure(models, prompt, a.gen, a.rounds,
-                       lambda r, c=c: print(f"context {c}: round {r}/{a.rounds} done", file=sys.stderr, flush=True))
+        prompt = prompt_ids(prompt_from, c, vocab)
+        runs = measure(models, prompt, gen, rounds,
+                       lambda r, c=c: print(f"context {c}: round {r}/{rounds} done", file=sys.stderr, flush=True))
         results[c] = {label: {k: spread(v) for k, v in run.items()} for label, run in zip(labels, runs, strict=True)}
     return results
 
