@@ -446,11 +446,16 @@ def memory_need(cfg, parameters: int, inputs: MethodInputs) -> Need:
     micro-batch, the student's, their gradient and the teacher's (3 vocabulary-wide fp32 rows per token; the
     distillation itself runs in chunks of positions). On the Llama 3.2 1B shape with optimizer_state=bf16
     and micro-batches of 2 x 512 this gives 21.2 GiB (20.6 with the scales fixed) against a peak of 18.1 GiB
-    measured with the scales fixed for `ptekit eval`, which also holds the BF16 reference (docs/qlora.md)."""
+    measured with the scales fixed for `ptekit eval`, which also holds the BF16 reference (docs/qlora.md).
+    With rotation=learned the rotation training comes first: the teacher beside the student and the folded and
+    rotated copies spinquant makes of each weight (7 bytes a parameter, quant.spinquant.memory_need), which is
+    the peak when the QAT round is off."""
     s = QLoRASettings.from_inputs(inputs)
     per_parameter = 8 + ((12 if s.optimizer_state == "fp32" else 8) if s.qat_steps > 0 else 0)
     if s.qat_steps > 0 and s.scale_lr > 0:
         per_parameter += 16 / scheme.GROUP_SIZE  # fp32 scale, gradient, two moments
+    if s.rotation == "learned":
+        per_parameter = max(per_parameter, 4 + 7)
     logits = 3 * 4 * s.micro_batch * s.seq_len * cfg.vocab_size
     if s.qat_steps > 0:
         lower_it = ("-O optimizer_state=bf16 (AdamW's moments in bf16) or " if s.optimizer_state == "fp32" else "") \

@@ -54,6 +54,12 @@ def test_estimates_for_the_llama32_shapes(tmp_path):
     assert 18_993_996 * 1024 < bf16_1b < 22 * GiB
     adapters = max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, qat_steps="0"))
     assert adapters < qat.bytes - 8 * 3 * 10**9
+    # Adapters on learned rotations: the rotation training's copies (7 bytes a parameter beside the
+    # teacher's 4) are the peak, not the adapters' 8; with the QAT round on, its AdamW state still is.
+    params_3b = parameter_count(preset("llama3.2-3b"))
+    learned = max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, qat_steps="0", rotation="learned"))
+    assert learned - adapters == 3 * params_3b
+    assert max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, rotation="learned")) == qat.bytes
     # spinquant's paper preset on 1B: GPTQ's 128 x 2048 calibration hidden states (2 GiB), twice with asymmetric
     # calibration, on top of the fp32 model outgrow the rotation training's 7 bytes a parameter.
     def spin(**o):
