@@ -16,6 +16,7 @@ targets), so no compute goes to padding. Preference pairs for DPO are read here 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,8 +234,6 @@ def own_text(model, tok, n_sequences: int, length: int, seed: int, work_dir: Pat
     changes any other option, reads them instead of writing them again (about 13 minutes for SmolLM2's
     256 x 513 tokens on 2 CPU cores). spinquant and qlora both keep their text here, under the same
     names: the same checkpoint, count, length and seed give the same text in either."""
-    import hashlib
-
     key = hashlib.sha256(json.dumps([weights, n_sequences, length, seed]).encode()).hexdigest()[:16]
     cache = Path(work_dir) / f"own-text-{key}.jsonl"
     if not cache.exists():
