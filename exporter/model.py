@@ -86,10 +86,9 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor, qkv_heads: torch.Tensor | 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
     """x: [B, S, H, D]; cos, sin: [S, 1, D] or [S, H, D] (RopeTables); swap: pair_swap(D)."""
-    # The linear on the 4-D tensor as it is: XNNPACK's fully connected operator takes every leading
-    # dimension as a row, so the .pte needs no reshapes around it (two per call, 60 operators a token
-    # on SmolLM2, each run and re-planned on every call).
-    swapped = F.linear(x, swap.to(x.dtype))
+    B, H, D = x.shape[0], x.shape[2], x.shape[3]
+    # Reshapes infer the sequence length (-1): XNNPACK delegates those, not symbolic ones.
+    swapped = F.linear(x.reshape(B, -1, D), swap.to(x.dtype)).view(B, -1, H, D)
     out = x * cos + swapped * sin
     return out.to(x.dtype)
 
