@@ -87,7 +87,9 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor, qkv_heads: torch.Tensor | 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
     """x: [B, S, H, D]; cos, sin: [S, 1, D] or [S, H, D] (RopeTables); swap: pair_swap(D)."""
     B, H, D = x.shape[0], x.shape[2], x.shape[3]
-    # Reshapes infer the sequence length (-1): XNNPACK delegates those, not symbolic ones.
+    # Reshapes infer the sequence length (-1): XNNPACK delegates those, not symbolic ones. The linear
+    # on the 4-D tensor itself also lowers, without the reshapes, but its XNNPACK payload differed
+    # between exports of the same model (docs/decode-profile.md), and exports must be byte-identical.
     swapped = F.linear(x.reshape(B, -1, D), swap.to(x.dtype)).view(B, -1, H, D)
     out = x * cos + swapped * sin
     return out.to(x.dtype)
