@@ -132,12 +132,21 @@ def update_with_weights(h, model):
     return h
 
 
+def weights_hash(model) -> str:
+    """The first 16 hex digits of update_with_weights' SHA-256: what names the model's own text
+    (quant.sft_data.own_text) in either method's work directory."""
+    import hashlib
+
+    return update_with_weights(hashlib.sha256(), model).hexdigest()[:16]
+
+
 # --- resuming ----------------------------------------------------------------------------------
 # One policy for everything a method keeps under its work directory (training checkpoints, the
 # optimization state, the finished result): it is taken up only by a run with the same fingerprint
 # (weights, data, settings), and a run that finds work saved under another fingerprint stops with
 # one line naming the directory. It is never discarded or overwritten silently: it can be hours of
 # training, and a changed option is as likely a slip as a wish to start over.
+
 
 def start_over(work_dir: Path) -> str:
     """How to start over, as the command lines offer it: export's work directory is <out>/<method>-work."""

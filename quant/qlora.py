@@ -80,7 +80,7 @@ from quant.method import (
     option_values,
     pop_preset,
     unreadable_work,
-    update_with_weights,
+    weights_hash,
 )
 from quant.train import Dist, TrainConfig, init_distributed, process_device, sft_objective, train
 
@@ -179,10 +179,6 @@ PRESETS = {
 
 def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def weights_hash(model: nn.Module) -> str:
-    return update_with_weights(hashlib.sha256(), model).hexdigest()[:16]
 
 
 # --- data --------------------------------------------------------------------------------------

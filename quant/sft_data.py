@@ -230,7 +230,7 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
 def own_text(model, tok, n_sequences: int, length: int, seed: int, work_dir: Path, weights: str,
              progress: bool = True, what: str = "training text") -> list[Example]:
     """self_generated's sequences, kept in work_dir under a name made of what they depend on (`weights`:
-    the model's weights hash; the count, length and seed), so that an interrupted run, or one that
+    quant.method.weights_hash of the model; the count, length and seed), so that an interrupted run, or one that
     changes any other option, reads them instead of writing them again (about 13 minutes for SmolLM2's
     256 x 513 tokens on 2 CPU cores). spinquant and qlora both keep their text here, under the same
     names: the same checkpoint, count, length and seed give the same text in either."""

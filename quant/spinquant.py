@@ -387,7 +387,7 @@ def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tup
     weights alone (and on its count, length and seed, which generated_windows adds); the rotations also
     on the calibration text and the training settings; the result on every setting."""
     h = update_with_weights(hashlib.sha256(), model)
-    text = h.hexdigest()
+    text = h.hexdigest()[:16]  # quant.method.weights_hash(model), without hashing the weights twice
     if calibration is not None:
         update_with_file(h, Path(calibration))
     elif s.rotation == "learned" or s.gptq:  # the model's own text: how many sequences it writes, and how long
@@ -550,8 +550,8 @@ def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | N
 def generated_windows(model: nn.Module, tokenizer, n: int, length: int, s: Settings, work: Path,
                       text_fp: str) -> torch.Tensor:
     """n sequences of `length` tokens written by the model as it is, before anything rotates it: [n, length]
-    (sft_data.own_text keeps them in the work directory; text_fp: the weights' hash)."""
-    examples = sft_data.own_text(model, tokenizer, n, length, s.seed, work, text_fp[:16], what="calibration text")
+    (sft_data.own_text keeps them in the work directory; text_fp: quant.method.weights_hash of the model)."""
+    examples = sft_data.own_text(model, tokenizer, n, length, s.seed, work, text_fp, what="calibration text")
     return torch.tensor([e.tokens for e in examples])
 
 

@@ -143,19 +143,12 @@ def _exported_again(done: Path, checkpoint: Path, method: str, again: Path, **kw
 
 
 def same_logits(a: Path, b: Path, prompt_len: int = 12, steps: int = 6) -> None:
-    """Asserts that two .pte files give bit-identical logits for a prompt and greedy steps after it."""
-    import torch
+    """Asserts that two .pte files give bit-identical logits for a prompt and greedy steps after it
+    (benchmarks.tools.same_logits, the comparison the benchmarks use)."""
+    from benchmarks.tools.same_logits import compare
 
-    from exporter.runtime import PteModel
-
-    ma, mb = PteModel(a), PteModel(b)
-    ids = [(37 * i + 11) % int(ma.meta("get_vocab_size")) for i in range(prompt_len)]
-    la, lb = ma.forward(ids, 0), mb.forward(ids, 0)
-    for pos in range(prompt_len, prompt_len + steps):
-        assert torch.equal(la, lb), f"logits differ at position {pos - 1}: max |diff| {(la - lb).abs().max()}"
-        tok = int(la.argmax())
-        la, lb = ma.forward([tok], pos), mb.forward([tok], pos)
-    assert torch.equal(la, lb)
+    same, worst = compare(a, b, prompt_len, steps)
+    assert same, f"logits differ: largest absolute difference {worst}"
 
 
 @pytest.fixture(scope="session")

@@ -215,6 +215,8 @@ def test_moved_attention_tensors_leave_the_logits_as_they_were(tiny_ptq_pte, tin
     a file with other numbers (the int8 cache) is reported different, exit status 1."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
+    from benchmarks.tools.move_planned_tensors import sdpa_calls
+
     def same(a, b):
         r = subprocess.run([sys.executable, "-m", "benchmarks.tools.same_logits", str(a), str(b), "--prompt-len", "16",
                             "--steps", "8"], capture_output=True, text=True, cwd=REPO)
@@ -223,9 +225,8 @@ def test_moved_attention_tensors_leave_the_logits_as_they_were(tiny_ptq_pte, tin
 
     def sdpa_offsets(path):
         plan = deserialize_pte_binary(path.read_bytes()).program.execution_plan[0]
-        calls = [i.instr_args.args for i in plan.chains[0].instructions if type(i.instr_args).__name__ == "KernelCall"
-                 and "sdpa" in plan.operators[i.instr_args.op_index].name]
-        return [[plan.values[c[j]].val.allocation_info.memory_offset_low for j in (0, 1, 2, -1)] for c in calls]
+        return [[plan.values[c[j]].val.allocation_info.memory_offset_low for j in (0, 1, 2, -1)]
+                for c in sdpa_calls(plan)]
 
     before = sdpa_offsets(tiny_ptq_pte)
     for what, offset, moved in (("query", "0x800", 0), ("output", "0x0", 3), ("caches", "0x10000", 1)):

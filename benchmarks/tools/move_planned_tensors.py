@@ -21,11 +21,10 @@ from pathlib import Path
 MiB = 1 << 20
 
 
-def _sdpa_calls(plan):
-    for ins in plan.chains[0].instructions:
-        a = ins.instr_args
-        if type(a).__name__ == "KernelCall" and "sdpa" in plan.operators[a.op_index].name:
-            yield a.args
+def sdpa_calls(plan) -> list:
+    """The argument value indices of every llama::custom_sdpa call in an execution plan, in order."""
+    return [i.instr_args.args for i in plan.chains[0].instructions
+            if type(i.instr_args).__name__ == "KernelCall" and "sdpa" in plan.operators[i.instr_args.op_index].name]
 
 
 def _tensor(plan, index):
@@ -40,7 +39,7 @@ def move(src: Path, dst: Path, what: str, offset: int) -> int:
 
     pte = deserialize_pte_binary(src.read_bytes())
     plan = pte.program.execution_plan[0]
-    calls = list(_sdpa_calls(plan))
+    calls = sdpa_calls(plan)
     if not calls:
         raise SystemExit(f"{src}: no llama::custom_sdpa call to move tensors of")
     size = plan.non_const_buffer_sizes[1]

@@ -18,11 +18,11 @@ from pathlib import Path
 def compare(a: Path, b: Path, prompt_len: int, steps: int) -> tuple[bool, float]:
     import torch
 
+    from benchmarks.tools.profile_decode import fixed_prompt
     from exporter.runtime import PteModel
 
     pa, pb = PteModel(a), PteModel(b)
-    prompt = [1] + [(7 * i + 13) % 1000 + 100 for i in range(prompt_len - 1)]  # fixed ids in every vocabulary
-    la, lb = pa.forward(prompt, 0), pb.forward(prompt, 0)
+    la, lb = pa.forward(fixed_prompt(prompt_len), 0), pb.forward(fixed_prompt(prompt_len), 0)
     same, worst = torch.equal(la, lb), (la - lb).abs().max().item()
     for pos in range(prompt_len, prompt_len + steps):
         token = int(la.argmax())
