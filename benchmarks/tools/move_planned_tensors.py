@@ -36,7 +36,15 @@ def move(src: Path, dst: Path, what: str, offset: int) -> int:
     from executorch.exir._serialize._program import deserialize_pte_binary, serialize_pte_binary
 
     from exporter.atomic import write_bytes
+    from exporter.errors import PtekitError
+    from exporter.runtime import check_pte_header
 
+    try:
+        check_pte_header(src)  # the project's own check: a program header, before the flatbuffer is parsed
+    except FileNotFoundError:
+        raise SystemExit(f"{src}: no such .pte file") from None
+    except PtekitError as e:
+        raise SystemExit(str(e)) from None
     pte = deserialize_pte_binary(src.read_bytes())
     plan = pte.program.execution_plan[0]
     calls = sdpa_calls(plan)

@@ -41,7 +41,13 @@ def main(argv=None) -> int:
     from exporter import openmp
 
     openmp.runtime_process()  # before torch loads libgomp
-    same, worst = compare(a.a, a.b, a.prompt_len, a.steps)
+    from exporter.errors import PtekitError
+
+    try:
+        same, worst = compare(a.a, a.b, a.prompt_len, a.steps)
+    except PtekitError as e:  # a missing or unreadable .pte: one line naming it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{'identical' if same else 'different'}: largest absolute difference {worst:.6g} over a "
           f"{a.prompt_len}-token prompt and {a.steps} decode steps")
     return 0 if same else 1
