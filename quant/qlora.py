@@ -156,7 +156,12 @@ class QLoRASettings:
             raise PtekitError("qlora: qat_steps=0 and lora_steps=0 train nothing; use --method ptq for round to nearest")
         return s
 
-    def train_config(self, steps: int, lr: float, seed: int, user_data: bool, scale_lr: float = 0.0) -> TrainConfig:
+    def round_config(self, name: str, seed: int, user_data: bool) -> TrainConfig:
+        """The training settings of round `name` (qat, lora or dpo). Only QAT learns the group scales:
+        the adapters and DPO train with the backbone, scales included, frozen."""
+        steps, lr, scale_lr = {"qat": (self.qat_steps, self.lr, self.scale_lr),
+                               "lora": (self.lora_steps, self.lora_lr, 0.0),
+                               "dpo": (self.dpo_steps, self.dpo_lr, 0.0)}[name]
         ce = self.ce_weight if self.ce_weight is not None else (1.0 if user_data else 0.0)
         return TrainConfig(steps=steps, lr=lr, warmup_steps=min(self.warmup_steps, steps // 10),
                            micro_batch=self.micro_batch, grad_accum=self.grad_accum, ce_weight=ce,
@@ -314,11 +319,8 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     gptq_on = [name for name, on in (("scale_search", s.gptq_scale_search), ("asymmetric", s.gptq_asymmetric)) if on]
     fp_start = _hash(fp_data, s.rotation, *((s.gptq_samples, *gptq_on) if s.rotation != "none" else (None,)))
     user_data = src != sft_data.SELF_GENERATED
-    rounds = [("qat", s.train_config(s.qat_steps, s.lr, inputs.seed, user_data, s.scale_lr))]
-    if s.lora_steps > 0:
-        rounds.append(("lora", s.train_config(s.lora_steps, s.lora_lr, inputs.seed, user_data)))
-    if s.dpo_data:
-        rounds.append(("dpo", s.train_config(s.dpo_steps, s.dpo_lr, inputs.seed, user_data)))
+    names = ["qat"] + (["lora"] if s.lora_steps > 0 else []) + (["dpo"] if s.dpo_data else [])
+    rounds = [(name, s.round_config(name, inputs.seed, user_data)) for name in names]
     fps, prev = {}, fp_start
     for name, cfg in rounds:
         extra = (s.rank, s.scale) if name == "lora" else (data_id(s.dpo_data, s, 0), s.dpo_beta) if name == "dpo" else ()

@@ -589,12 +589,12 @@ def test_without_data_it_distills_on_the_models_own_text_and_with_data_it_fine_t
     bare = MethodInputs(work_dir=tmp_path)
     assert data_source(bare) == sft_data.SELF_GENERATED
     s = QLoRASettings.from_inputs(bare)
-    kd_only = s.train_config(5, 1e-4, 0, user_data=False)
+    kd_only = s.round_config("qat", 0, user_data=False)
     assert (kd_only.ce_weight, kd_only.kd_weight) == (0.0, 1.0)
-    tuned = s.train_config(5, 1e-4, 0, user_data=True)
+    tuned = s.round_config("qat", 0, user_data=True)
     assert (tuned.ce_weight, tuned.kd_weight) == (1.0, 1.0)
     forced = QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"ce_weight": "0"}))
-    assert forced.train_config(5, 1e-4, 0, user_data=True).ce_weight == 0.0
+    assert forced.round_config("lora", 0, user_data=True).ce_weight == 0.0
     with pytest.raises(PtekitError, match="rotation='random'; choose none, hadamard or learned"):
         QLoRASettings.from_inputs(MethodInputs(work_dir=tmp_path, options={"rotation": "random"}))
 
