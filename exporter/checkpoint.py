@@ -163,6 +163,15 @@ def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
+def meta_to_hf_tensor(name: str, w: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
+    """One tensor of Meta's layout as the HF layout names and stores it (q/k rows permuted)."""
+    if name.endswith("attention.wq.weight"):
+        w = permute_meta_to_hf(w, cfg.n_heads)
+    elif name.endswith("attention.wk.weight"):
+        w = permute_meta_to_hf(w, cfg.n_kv_heads)
+    return meta_to_hf_name(name), w
+
+
 def _load_hf(d: Path) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from exporter.atomic import atomic_dir
-from exporter.checkpoint import meta_to_hf_name, permute_meta_to_hf
+from exporter.checkpoint import meta_to_hf_tensor
 from exporter.config import NUMBER, SIZE, ConfigReader, ModelConfig, RopeScaling, build_config, to_hf_config
 from exporter.errors import PtekitError
 from exporter.progress import bar as progress_bar
@@ -271,11 +271,8 @@ def import_gguf(path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) 
             raise PtekitError(f"{path}: unexpected tensor {t.name!r} in a llama GGUF")
         arr = _dequantize(t)
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(tuple(int(x) for x in reversed(t.shape)))
-        if meta.endswith("attention.wq.weight"):
-            w = permute_meta_to_hf(w, cfg.n_heads)
-        elif meta.endswith("attention.wk.weight"):
-            w = permute_meta_to_hf(w, cfg.n_kv_heads)
-        sd[meta_to_hf_name(meta)] = w.to(dtype).contiguous()
+        name, w = meta_to_hf_tensor(meta, w, cfg)
+        sd[name] = w.to(dtype).contiguous()
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     eos = gguf_eos_ids(reader)
     with atomic_dir(out_dir) as tmp:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+FAKE_ADB = REPO / "android_runner" / "fake_adb" / "adb"  # an emulated adb whose device is a directory
 CACHE = Path(os.environ.get("PTEKIT_TEST_CACHE", REPO / ".cache" / "test-artifacts"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -64,6 +65,18 @@ def cached_dir(name: str, build, *key_parts) -> Path:
     return out
 
 
+@pytest.fixture
+def fake_adb(tmp_path, monkeypatch):
+    """$ADB -> the emulated adb, its devices under tmp_path; returns the device root of 'emulator-5554'."""
+    monkeypatch.setenv("ADB", str(FAKE_ADB))
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(tmp_path / "devices"))
+    monkeypatch.setenv("FAKE_ADB_LOG", str(tmp_path / "adb.log"))
+    for var in [v for v in os.environ if v.startswith("FAKE_ADB_") and v not in ("FAKE_ADB_ROOT", "FAKE_ADB_LOG")]:
+        monkeypatch.delenv(var)
+    monkeypatch.delenv("ANDROID_SERIAL", raising=False)
+    return tmp_path / "devices" / "emulator-5554"
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from exporter.defaults import embedded_gguf
@@ -85,18 +98,12 @@ def write_tiny_hf(d: Path, smollm2_hf: Path, seed: int = 0, tie: bool = True, **
     """A random-weight Llama in the HF layout, with SmolLM2's real tokenizer."""
     from safetensors.torch import save_file
 
-    from exporter.checkpoint import meta_to_hf_name, permute_meta_to_hf, random_checkpoint
+    from exporter.checkpoint import meta_to_hf_tensor, random_checkpoint
     from exporter.config import ModelConfig, to_hf_config
 
     cfg = ModelConfig(**{**TINY_CONFIG, **overrides}, rope_theta=100000.0, tie_embeddings=tie)
     sd = random_checkpoint(cfg, seed=seed)
-    hf = {}
-    for k, v in sd.items():
-        if k.endswith("attention.wq.weight"):
-            v = permute_meta_to_hf(v, cfg.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = permute_meta_to_hf(v, cfg.n_kv_heads)
-        hf[meta_to_hf_name(k)] = v.contiguous()
+    hf = {name: v.contiguous() for name, v in (meta_to_hf_tensor(k, v, cfg) for k, v in sd.items())}
     d.mkdir(parents=True, exist_ok=True)
     save_file(hf, d / "model.safetensors")
     (d / "config.json").write_text(json.dumps(to_hf_config(cfg, 1, 2)))

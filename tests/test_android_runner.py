@@ -9,7 +9,6 @@ test_android_runner_bench.py).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,25 +18,13 @@ import pytest
 from android_runner import report, stats
 from android_runner.device import REMOTE_DIR, AdbDevice, LocalDevice, parse_devices
 from android_runner.runner import FlagError, parse_flags
+from conftest import FAKE_ADB
 from exporter.errors import PtekitError
 
 REPO = Path(__file__).resolve().parent.parent
-FAKE_ADB = REPO / "android_runner" / "fake_adb" / "adb"
 
 # Everything a shell could mangle: quotes of both kinds, $, backticks, globs, ;, &&, newlines.
 NASTY = ["it's \"quoted\"", "$HOME `id` $(id)", "*.pte ?", "a;b && c | d", "back\\slash", "two\nlines", "", "-n"]
-
-
-@pytest.fixture
-def fake_adb(tmp_path, monkeypatch):
-    """$ADB -> the emulated adb, its devices under tmp_path; returns the device root of 'emulator-5554'."""
-    monkeypatch.setenv("ADB", str(FAKE_ADB))
-    monkeypatch.setenv("FAKE_ADB_ROOT", str(tmp_path / "devices"))
-    monkeypatch.setenv("FAKE_ADB_LOG", str(tmp_path / "adb.log"))
-    for var in [v for v in os.environ if v.startswith("FAKE_ADB_") and v not in ("FAKE_ADB_ROOT", "FAKE_ADB_LOG")]:
-        monkeypatch.delenv(var)
-    monkeypatch.delenv("ANDROID_SERIAL", raising=False)
-    return tmp_path / "devices" / "emulator-5554"
 
 
 @pytest.mark.parametrize("kind", ["adb", "local"])

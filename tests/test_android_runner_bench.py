@@ -19,19 +19,7 @@ from android_runner.device import REMOTE_DIR, AdbDevice, LocalDevice
 from exporter.errors import PtekitError
 
 REPO = Path(__file__).resolve().parent.parent
-FAKE_ADB = REPO / "android_runner" / "fake_adb" / "adb"
 GEN = 8  # new tokens per run: enough for a decode rate, short enough for the default suite
-
-
-@pytest.fixture
-def fake_adb(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADB", str(FAKE_ADB))
-    monkeypatch.setenv("FAKE_ADB_ROOT", str(tmp_path / "devices"))
-    monkeypatch.setenv("FAKE_ADB_LOG", str(tmp_path / "adb.log"))
-    for var in [v for v in os.environ if v.startswith("FAKE_ADB_") and v not in ("FAKE_ADB_ROOT", "FAKE_ADB_LOG")]:
-        monkeypatch.delenv(var)
-    monkeypatch.delenv("ANDROID_SERIAL", raising=False)
-    return tmp_path / "devices" / "emulator-5554"
 
 
 def left_on_device(root: Path) -> list[str]:

@@ -65,18 +65,12 @@ def test_logits_equal_reference_hf_layout(tmp_path):
     """The HF layout (q/k rows permuted for rotate-half RoPE) loads to the same model."""
     from safetensors.torch import save_file
 
-    from exporter.checkpoint import meta_to_hf_name, permute_meta_to_hf
+    from exporter.checkpoint import meta_to_hf_tensor
     from exporter.config import to_hf_config
 
     cfg = CONFIGS["llama32-like"]
     sd = random_checkpoint(cfg, seed=2, dtype=torch.float32)
-    hf = {}
-    for k, v in sd.items():
-        if k.endswith("wq.weight"):
-            v = permute_meta_to_hf(v, cfg.n_heads)
-        elif k.endswith("wk.weight"):
-            v = permute_meta_to_hf(v, cfg.n_kv_heads)
-        hf[meta_to_hf_name(k)] = v.contiguous()
+    hf = {name: v.contiguous() for name, v in (meta_to_hf_tensor(k, v, cfg) for k, v in sd.items())}
     save_file(hf, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(to_hf_config(cfg)))
     ck = load_checkpoint(tmp_path)
