@@ -22,7 +22,8 @@ def compare(a: Path, b: Path, prompt_len: int, steps: int) -> tuple[bool, float]
     from exporter.runtime import PteModel
 
     pa, pb = PteModel(a), PteModel(b)
-    la, lb = pa.forward(fixed_prompt(prompt_len), 0), pb.forward(fixed_prompt(prompt_len), 0)
+    prompt = fixed_prompt(prompt_len)
+    la, lb = pa.forward(prompt, 0), pb.forward(prompt, 0)
     same, worst = torch.equal(la, lb), (la - lb).abs().max().item()
     for pos in range(prompt_len, prompt_len + steps):
         token = int(la.argmax())
