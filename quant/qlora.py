@@ -20,15 +20,17 @@ The objective says what the method is for:
   same distillation. That is fine-tuning toward the data, not only recovery; ce_weight=0 turns it
   back into distillation on that data.
 
-The start (rotation=hadamard, the default): the training starts from SpinQuant's outlier-free
-weights instead of the checkpoint's: random Hadamard R1/R2 merged, R4 online, GPTQ on the training
-windows (quant.spinquant.hadamard_gptq), and QAT starts from GPTQ's group scales (quant.qat). On
-SmolLM2-135M, 20 distillation QAT steps + 5 LoRA steps from this start (scales fixed, adapters at
-lr 1e-3) end at KL 0.136 (WikiText-2) and 0.103 (Python docs) from BF16, against 0.226 and 0.198 from
-the checkpoint's own weights (rotation=none; docs/qlora.md). rotation=learned learns R1/R2 first, as
-spinquant does (Cayley SGD, its preset for the device), on the training windows: on the model's own text
-that next-token loss is the KL to the model plus a constant. On SmolLM2 at the cpu budget it ended within
-about one standard error of the Hadamard start on both texts, 17 minutes later (docs/qlora.md).
+The start (rotation=learned, the default): the training starts from SpinQuant's outlier-free
+weights instead of the checkpoint's: R1/R2 learned as spinquant learns them (Cayley SGD, its preset for the
+device) on the training windows, merged, R4 online, then GPTQ on 256 of those windows with spinquant's
+asymmetric calibration and scale search (quant.spinquant.learned_gptq); QAT starts from GPTQ's group
+scales (quant.qat). On the model's own text the rotations' next-token loss is the KL to the model plus a
+constant. On SmolLM2-135M at the cpu budget this start, trained, ended at KL 0.090 (WikiText-2), 0.067
+(Python docs) and 0.121 (licence texts) from BF16, closer than spinquant (0.095, 0.068, 0.125) and than the
+previous default, a random Hadamard start with plain GPTQ on 64 windows (rotation=hadamard gptq_samples=64
+gptq_scale_search=false gptq_asymmetric=false: 0.112, 0.082, 0.140), which took 25 minutes less on 2 cores
+(docs/qlora.md). rotation=none starts from the checkpoint's own weights (far
+from BF16 after the same training: KL 0.226 against 0.136 from the Hadamard start at a smaller budget).
 QAT also trains the block linears' group scales (scale_lr, 1e-5 by default; 0 keeps GPTQ's): from GPTQ's
 start no weight step at lr 1e-4 changes an integer, while a scale moves its whole group. On SmolLM2 at the
 cpu budget, the learned scales and the adapters at lr 1e-4 end closer to BF16 on both texts than fixed
@@ -102,14 +104,14 @@ class QLoRASettings:
     warmup_steps: int = 10
     ce_weight: float | None = None  # None: 0 (distillation only) without --data, 1 with it
     kd_weight: float = 1.0  # distillation from the BF16 model's logits; 0 turns it off
-    # hadamard: start from random Hadamard rotations + GPTQ; learned: from rotations learned as spinquant
-    # learns them, on the training windows, + GPTQ; none: from the checkpoint
-    rotation: str = "hadamard"
-    gptq_samples: int = 64  # rotation=hadamard|learned: training windows GPTQ calibrates on
-    gptq_scale_search: bool = False  # rotation=hadamard|learned: GPTQ's group scales by quant.gptq.searched_group_scales
-    # rotation=hadamard|learned: GPTQ fits the float model's outputs (quant.gptq); on SmolLM2's Hadamard start
-    # it lowered KL to BF16 a little and raised perplexity on two texts (docs/qlora.md), so it is off here
-    gptq_asymmetric: bool = False
+    # learned: start from rotations learned as spinquant learns them, on the training windows, + GPTQ;
+    # hadamard: from random Hadamard rotations + GPTQ; none: from the checkpoint. The four start options'
+    # defaults are spinquant's cpu preset's: on SmolLM2 that start, trained, ended closer to BF16 than
+    # spinquant on three unseen texts, and the Hadamard one's further (docs/qlora.md).
+    rotation: str = "learned"
+    gptq_samples: int = 256  # rotation=hadamard|learned: training windows GPTQ calibrates on
+    gptq_scale_search: bool = True  # rotation=hadamard|learned: GPTQ's group scales by quant.gptq.searched_group_scales
+    gptq_asymmetric: bool = True  # rotation=hadamard|learned: GPTQ fits the float model's outputs (quant.gptq)
     checkpoint_every: int = 50
     # bf16 autocast in training. None: where the device multiplies bf16 (quant.method.native_bf16); on a
     # 2-core avx512_bf16 CPU SmolLM2's QAT ran at 119.2 tokens/s against 86.5 in fp32 and ended at the same
@@ -447,17 +449,21 @@ def memory_need(cfg, parameters: int, inputs: MethodInputs) -> Need:
     measured with the scales fixed for `ptekit eval`, which also holds the BF16 reference (docs/qlora.md).
     With rotation=learned the rotation training comes first: the teacher beside the student and the folded and
     rotated copies spinquant makes of each weight (7 bytes a parameter, quant.spinquant.memory_need), which is
-    the peak when the QAT round is off."""
+    the peak when the QAT round is off, unless GPTQ's calibration hidden states beside both models are larger
+    (quant.spinquant.memory_need counts them the same way)."""
     s = QLoRASettings.from_inputs(inputs)
     per_parameter = 8 + ((12 if s.optimizer_state == "fp32" else 8) if s.qat_steps > 0 else 0)
     if s.qat_steps > 0 and s.scale_lr > 0:
         per_parameter += 16 / scheme.GROUP_SIZE  # fp32 scale, gradient, two moments
     if s.rotation == "learned":
         per_parameter = max(per_parameter, 4 + 7)
+    # GPTQ's calibration hidden states beside the student and the teacher, twice with asymmetric calibration
+    gptq = 0 if s.rotation == "none" else 8 * parameters + \
+        (2 if s.gptq_asymmetric else 1) * s.gptq_samples * s.seq_len * cfg.dim * 4
     logits = 3 * 4 * s.micro_batch * s.seq_len * cfg.vocab_size
     if s.qat_steps > 0:
         lower_it = ("-O optimizer_state=bf16 (AdamW's moments in bf16) or " if s.optimizer_state == "fp32" else "") \
             + "-O qat_steps=0 (adapters only, no AdamW state for the backbone)"
     else:
         lower_it = "-O micro_batch=1 (fewer logits at once)" if s.micro_batch > 1 else ""
-    return Need("quantize (qlora)", int(per_parameter * parameters) + logits + RUNTIME_FLOOR, lower_it)
+    return Need("quantize (qlora)", max(int(per_parameter * parameters) + logits, gptq) + RUNTIME_FLOOR, lower_it)

@@ -52,14 +52,19 @@ def test_estimates_for_the_llama32_shapes(tmp_path):
     bf16_1b = max(n.bytes for n in needs("llama3.2-1b", "qlora", tmp_path, micro_batch="2", optimizer_state="bf16"))
     assert qat_1b.bytes > 24 * GiB and qat_1b.lower_it.startswith("-O optimizer_state=bf16")
     assert 18_993_996 * 1024 < bf16_1b < 22 * GiB
-    adapters = max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, qat_steps="0"))
+    adapters = max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, qat_steps="0", rotation="none"))
     assert adapters < qat.bytes - 8 * 3 * 10**9
-    # Adapters on learned rotations: the rotation training's copies (7 bytes a parameter beside the
-    # teacher's 4) are the peak, not the adapters' 8; with the QAT round on, its AdamW state still is.
+    # Adapters on learned rotations (the default start): the rotation training's copies (7 bytes a parameter
+    # beside the teacher's 4) are the peak, not the adapters' 8, nor GPTQ's calibration hidden states; with
+    # the QAT round on, its AdamW state is, whatever the start.
     params_3b = parameter_count(preset("llama3.2-3b"))
-    learned = max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, qat_steps="0", rotation="learned"))
+    learned = max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, qat_steps="0"))
     assert learned - adapters == 3 * params_3b
-    assert max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, rotation="learned")) == qat.bytes
+    assert max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, rotation="hadamard")) == qat.bytes
+    # On the Hadamard start the adapters' round is lighter than GPTQ's 2 x 256 x 512 calibration hidden
+    # states of 3,072 floats (asymmetric calibration) beside the student and the teacher.
+    hadamard = max(n.bytes for n in needs("llama3.2-3b", "qlora", tmp_path, qat_steps="0", rotation="hadamard"))
+    assert hadamard == 8 * params_3b + 2 * 256 * 512 * 3072 * 4 + memory.RUNTIME_FLOOR > adapters
     # spinquant's paper preset on 1B: GPTQ's 128 x 2048 calibration hidden states (2 GiB), twice with asymmetric
     # calibration, on top of the fp32 model outgrow the rotation training's 7 bytes a parameter.
     def spin(**o):
