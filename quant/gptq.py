@@ -95,6 +95,12 @@ class GPTQOptions:
     asymmetric: bool = False
 
 
+def calibration_bytes(samples: int, seq_len: int, dim: int, asymmetric: bool) -> int:
+    """What gptq_model holds beside the model: the calibration windows' fp32 hidden states, twice with
+    asymmetric calibration (the float model's beside the quantized one's). For the memory estimates."""
+    return (2 if asymmetric else 1) * samples * seq_len * dim * 4
+
+
 def damped_hessian(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(H with each dead input's (zero) diagonal set to 1 and damp x its mean diagonal added, the dead inputs):
     GPTQ's damping, which keeps H invertible and each column's update small."""

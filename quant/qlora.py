@@ -75,6 +75,7 @@ from exporter.errors import PtekitError
 from exporter.manifest import file_sha256
 from exporter.memory import RUNTIME_FLOOR, Need
 from quant import data, lora, qat, scheme, sft_data
+from quant.gptq import calibration_bytes
 from quant.method import (
     MethodInputs,
     check_fingerprint,
@@ -457,9 +458,9 @@ def memory_need(cfg, parameters: int, inputs: MethodInputs) -> Need:
         per_parameter += 16 / scheme.GROUP_SIZE  # fp32 scale, gradient, two moments
     if s.rotation == "learned":
         per_parameter = max(per_parameter, 4 + 7)
-    # GPTQ's calibration hidden states beside the student and the teacher, twice with asymmetric calibration
-    gptq = 0 if s.rotation == "none" else 8 * parameters + \
-        (2 if s.gptq_asymmetric else 1) * s.gptq_samples * s.seq_len * cfg.dim * 4
+    # GPTQ's calibration hidden states beside the student and the teacher
+    gptq = 0 if s.rotation == "none" else \
+        8 * parameters + calibration_bytes(s.gptq_samples, s.seq_len, cfg.dim, s.gptq_asymmetric)
     logits = 3 * 4 * s.micro_batch * s.seq_len * cfg.vocab_size
     if s.qat_steps > 0:
         lower_it = ("-O optimizer_state=bf16 (AdamW's moments in bf16) or " if s.optimizer_state == "fp32" else "") \

@@ -58,7 +58,7 @@ from exporter.model import rope_tables
 from exporter.progress import bar as progress_bar
 from quant import data, fake_quant, rotation, sft_data
 from quant.cayley import CayleySGD
-from quant.gptq import GPTQOptions, dequantize, gptq_model, quantize_rtn
+from quant.gptq import GPTQOptions, calibration_bytes, dequantize, gptq_model, quantize_rtn
 from quant.hadamard import random_hadamard
 from quant.method import (
     MethodInputs,
@@ -637,6 +637,6 @@ def memory_need(cfg, parameters: int, inputs) -> Need:
     fp32 model and its calibration windows' hidden states, twice with asymmetric calibration (the float
     model's beside the quantized one's)."""
     s = settings_from(inputs)
-    hidden = (2 if s.gptq_asymmetric else 1) * s.gptq_samples * s.gptq_seq_len * cfg.dim * 4 if s.gptq else 0
+    hidden = calibration_bytes(s.gptq_samples, s.gptq_seq_len, cfg.dim, s.gptq_asymmetric) if s.gptq else 0
     return Need("quantize (spinquant)", max(7 * parameters, 4 * parameters + hidden) + RUNTIME_FLOOR,
                 "--method ptq, which needs no fp32 copy")
