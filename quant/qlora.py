@@ -29,8 +29,8 @@ constant. On SmolLM2-135M at the cpu budget this start, trained, ended at KL 0.0
 (Python docs) and 0.121 (licence texts) from BF16, closer than spinquant (0.095, 0.068, 0.125) and than the
 previous default, a random Hadamard start with plain GPTQ on 64 windows (rotation=hadamard gptq_samples=64
 gptq_scale_search=false gptq_asymmetric=false: 0.112, 0.082, 0.140), which took 25 minutes less on 2 cores
-(docs/qlora.md). rotation=none starts from the checkpoint's own weights (far
-from BF16 after the same training: KL 0.226 against 0.136 from the Hadamard start at a smaller budget).
+(docs/qlora.md). rotation=none starts from the checkpoint's own weights (far from BF16 after the same
+training: KL 0.226 against 0.136 from the Hadamard start at a smaller budget).
 QAT also trains the block linears' group scales (scale_lr, 1e-5 by default; 0 keeps GPTQ's): from GPTQ's
 start no weight step at lr 1e-4 changes an integer, while a scale moves its whole group. On SmolLM2 at the
 cpu budget, the learned scales and the adapters at lr 1e-4 end closer to BF16 on both texts than fixed
