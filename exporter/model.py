@@ -46,17 +46,16 @@ def _llama3_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), mid, out)
 
 
-def pair_swap(d: int) -> torch.Tensor:
-    """The [d, d] matrix P with x @ P.T = (-x1, x0, -x3, x2, ...): RoPE's rotation by 90 degrees.
+def pair_swap() -> torch.Tensor:
+    """The [2, 2] matrix P with (x0, x1) @ P.T = (-x1, x0): RoPE's rotation by 90 degrees, one pair a row.
 
     As a matmul it stays inside XNNPACK; slicing the pairs apart (a slice of dynamic length)
-    would leave the delegate and split every layer's graph in four.
+    would leave the delegate and split every layer's graph in four. One pair a row, not one head a
+    row (a [D, D] matrix): on x86 XNNPACK's fp32 kernel for the head-wide product left the thread
+    pool's worker in a state that made the attention kernel after it run up to 2.4 times slower
+    (docs/decode-profile.md); the pair-wide product does not, and both are exact.
     """
-    p = torch.zeros(d, d)
-    idx = torch.arange(0, d, 2)
-    p[idx, idx + 1] = -1.0
-    p[idx + 1, idx] = 1.0
-    return p
+    return torch.tensor([[0.0, -1.0], [1.0, 0.0]])
 
 
 class RopeTables(NamedTuple):
@@ -85,12 +84,12 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor, qkv_heads: torch.Tensor | 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D]; cos, sin: [S, 1, D] or [S, H, D] (RopeTables); swap: pair_swap(D)."""
+    """x: [B, S, H, D]; cos, sin: [S, 1, D] or [S, H, D] (RopeTables); swap: pair_swap()."""
     B, H, D = x.shape[0], x.shape[2], x.shape[3]
     # Reshapes infer the sequence length (-1): XNNPACK delegates those, not symbolic ones. The linear
     # on the 4-D tensor itself also lowers, without the reshapes, but its XNNPACK payload differed
     # between exports of the same model (docs/decode-profile.md), and exports must be byte-identical.
-    swapped = F.linear(x.reshape(B, -1, D), swap.to(x.dtype)).view(B, -1, H, D)
+    swapped = F.linear(x.reshape(B, -1, 2), swap.to(x.dtype)).view(B, -1, H, D)
     out = x * cos + swapped * sin
     return out.to(x.dtype)
 
@@ -280,7 +279,7 @@ class Transformer(nn.Module):
         heads[cfg.n_heads + cfg.n_kv_heads :] = 0  # v's heads, in a fused [q | k | v] output
         self.rope_qkv_heads = heads
         # One tensor for all layers: one constant in the .pte.
-        swap, ones = pair_swap(cfg.head_dim), torch.ones(1, cfg.dim)
+        swap, ones = pair_swap(), torch.ones(1, cfg.dim)
         for layer in self.layers:
             layer.attention.rope_swap = swap
         for norm in self.modules():
