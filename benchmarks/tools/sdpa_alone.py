@@ -1,90 +1,135 @@
 """ExecuTorch's decode attention (llama::custom_sdpa) timed on its own, at chosen context lengths.
 
     python -m benchmarks.tools.sdpa_alone [--heads 9 --kv-heads 3 --head-dim 64] [--layers 30]
-        [--context 64,256,1024,2000] [--threads 1,2]
+        [--context 64,256,1024,2000] [--threads 1,2] [--variants alone,with-xnnpack,...]
 
 Builds small .pte files that hold only what a decode step's attention touches: --layers pairs of fp32
 K/V caches of max_seq_len 2048 and one custom_sdpa call per layer on a single query position, as
-ptekit's exported model calls it. Three variants, each at every thread count and context length:
-- `alone`: the attention calls back to back, nothing delegated;
-- `with XNNPACK`: a small XNNPACK-delegated linear layer between consecutive attention calls, as the
-  model's projections sit between them (same attention work, plus the delegate's calls);
-- `grouped`: the query heads that share a KV head passed as that KV head's rows (one call reads each KV
-  head once instead of once per query head; exact for a single query position).
-Prints microseconds per attention call (median of 5 timings of 20 forward calls each).
+ptekit's exported model calls it, with one of these between consecutive calls (same attention work):
+- `alone`: nothing; the attention calls back to back, nothing delegated;
+- `with-xnnpack`: an fp32 linear layer over the whole attention output ([1, H·D] by [H·D, H·D]);
+- `head-swap`: an fp32 linear over each head's row ([H, D] by [D, D]), as RoPE's pair swap was written
+  before commit 9355ede;
+- `pair-swap`: an fp32 linear over each pair ([H·D/2, 2] by [2, 2]), as RoPE's pair swap is written now;
+- `4-bit`: the scheme's 4-bit linear over the whole output (XNNPACK's dynamically quantized GEMM);
+- `grouped`: no linear; the query heads that share a KV head passed as that KV head's rows (one call
+  reads each KV head once instead of once per query head; exact for a single query position).
+Every variant and thread count runs in a process of its own: on x86 an XNNPACK kernel can leave the
+thread pool's worker in a state that slows the attention kernel until another kernel clears it, so a
+file run after another would inherit it (docs/decode-profile.md). Prints microseconds per attention
+call (median of 5 timings of 20 forward calls each).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 MAX_SEQ_LEN = 2048
+VARIANTS = ("alone", "with-xnnpack", "head-swap", "pair-swap", "4-bit", "grouped")
 
 
-class DecodeAttention(torch.nn.Module):
-    def __init__(self, layers: int, heads: int, kv_heads: int, head_dim: int, grouped: bool, linear: bool):
-        super().__init__()
-        self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
-        self.grouped = grouped
-        for i in range(layers):
-            self.register_buffer(f"k{i}", torch.randn(1, MAX_SEQ_LEN, kv_heads, head_dim))
-            self.register_buffer(f"v{i}", torch.randn(1, MAX_SEQ_LEN, kv_heads, head_dim))
-        dim = heads * head_dim
-        self.proj = torch.nn.ModuleList(torch.nn.Linear(dim, dim, bias=False) for _ in range(layers)) if linear else None
+def decode_attention(variant: str, layers: int, heads: int, kv_heads: int, head_dim: int):
+    import torch
 
-    def forward(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        start = pos[0].item()
-        torch._check(start >= 0)
-        torch._check(start + 1 <= MAX_SEQ_LEN)
-        reps = self.heads // self.kv_heads
-        for i in range(self.layers):
-            k, v = getattr(self, f"k{i}"), getattr(self, f"v{i}")
-            if self.grouped:
-                # [1, 1, Hkv * reps, D] -> [1, reps, Hkv, D]: the reps rows of a KV head all see the
-                # same start + 1 keys when the causal mask is off and the start moves back reps - 1.
-                qg = q.view(1, self.kv_heads, reps, self.head_dim).transpose(1, 2).contiguous()
-                y = torch.ops.llama.custom_sdpa(qg, k, v, start + 1 - reps, None, 0, False)
-                y = y.transpose(1, 2).reshape(1, 1, self.heads, self.head_dim)
-            else:
-                y = torch.ops.llama.custom_sdpa(q, k, v, start, None, 0, True)
-            if self.proj is not None:
-                y = self.proj[i](y.reshape(1, 1, -1)).view(1, 1, self.heads, self.head_dim)
-            q = y
-        return q
+    class DecodeAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i in range(layers):
+                self.register_buffer(f"k{i}", torch.randn(1, MAX_SEQ_LEN, kv_heads, head_dim))
+                self.register_buffer(f"v{i}", torch.randn(1, MAX_SEQ_LEN, kv_heads, head_dim))
+            dim = heads * head_dim
+            shapes = {"with-xnnpack": (dim, dim), "4-bit": (dim, dim), "head-swap": (head_dim, head_dim),
+                      "pair-swap": (2, 2)}
+            self.proj = None
+            if variant in shapes:
+                n_out, n_in = shapes[variant]
+                self.proj = torch.nn.ModuleList(torch.nn.Linear(n_in, n_out, bias=False) for _ in range(layers))
+            if variant == "4-bit":
+                from torchao.quantization import quantize_
+
+                from quant.scheme import block_linear_config
+
+                quantize_(self.proj, block_linear_config())
+
+        def forward(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            start = pos[0].item()
+            torch._check(start >= 0)
+            torch._check(start + 1 <= MAX_SEQ_LEN)
+            reps = heads // kv_heads
+            for i in range(layers):
+                k, v = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+                if variant == "grouped":
+                    # [1, 1, Hkv * reps, D] -> [1, reps, Hkv, D]: the reps rows of a KV head all see the
+                    # same start + 1 keys when the causal mask is off and the start moves back reps - 1.
+                    qg = q.view(1, kv_heads, reps, head_dim).transpose(1, 2).contiguous()
+                    y = torch.ops.llama.custom_sdpa(qg, k, v, start + 1 - reps, None, 0, False)
+                    y = y.transpose(1, 2).reshape(1, 1, heads, head_dim)
+                else:
+                    y = torch.ops.llama.custom_sdpa(q, k, v, start, None, 0, True)
+                if self.proj is not None:
+                    rows = self.proj[i].in_features
+                    y = self.proj[i](y.reshape(1, -1, rows)).view(1, 1, heads, head_dim)
+                q = y
+            return q
+
+    return DecodeAttention()
 
 
-def build(module: DecodeAttention, path: Path, delegate: bool) -> None:
+def build(variant: str, a, path: Path) -> None:
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge, to_edge_transform_and_lower
 
-    q = torch.randn(1, 1, module.heads, module.head_dim)
-    ep = torch.export.export(module, (q, torch.tensor([module.heads])))
-    if delegate:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from exporter.lower import load_executorch_ops
 
+    load_executorch_ops()
+    torch.manual_seed(0)
+    module = decode_attention(variant, a.layers, a.heads, a.kv_heads, a.head_dim)
+    q = torch.randn(1, 1, a.heads, a.head_dim)
+    ep = torch.export.export(module, (q, torch.tensor([a.heads])))
+    if module.proj is not None:
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     else:
         edge = to_edge(ep)
     path.write_bytes(edge.to_executorch().buffer)
 
 
-def time_calls(pte, q: torch.Tensor, context: int, layers: int) -> float:
-    pos = torch.tensor([context - 1])
-    for _ in range(3):
-        pte.forward((q, pos))
-    timings = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(20):
+def time_file(path: Path, threads: int, contexts: list[int], a) -> dict[int, float]:
+    """In this process: microseconds per attention call at each context length."""
+    from exporter.openmp import runtime_process
+
+    runtime_process()  # ExecuTorch's kernels at one OpenMP thread, as in ptekit's runtime processes
+    import torch
+
+    from exporter.lower import load_executorch_ops
+
+    load_executorch_ops()
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(threads)
+    pte = portable_lib._load_for_executorch(str(path))
+    torch.manual_seed(1)
+    q = torch.randn(1, 1, a.heads, a.head_dim)
+    out = {}
+    for c in contexts:
+        pos = torch.tensor([c - 1])
+        for _ in range(3):
             pte.forward((q, pos))
-        timings.append((time.perf_counter() - t) / 20 / layers * 1e6)
-    return statistics.median(timings)
+        timings = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(20):
+                pte.forward((q, pos))
+            timings.append((time.perf_counter() - t) / 20 / a.layers * 1e6)
+        out[c] = statistics.median(timings)
+    return out
 
 
 def main(argv=None) -> int:
@@ -95,38 +140,39 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=30, help="attention calls per forward (default 30: SmolLM2-135M)")
     ap.add_argument("--context", default="64,256,1024,2000", help="keys attended to, comma-separated")
     ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--time-file", type=Path, help=argparse.SUPPRESS)  # one measurement, in a child process
     a = ap.parse_args(argv)
-
-    from exporter.lower import load_executorch_ops
-
-    load_executorch_ops()
-    from executorch.extension.pybindings import portable_lib
-
-    torch.manual_seed(0)
-    variants = {"alone": (False, False), "with XNNPACK": (False, True), "grouped": (True, False)}
     contexts = [int(c) for c in a.context.split(",")]
     threads = [int(t) for t in a.threads.split(",")]
-    q = torch.randn(1, 1, a.heads, a.head_dim)
-    rows = []
+    if a.time_file is not None:
+        print(json.dumps(time_file(a.time_file, threads[0], contexts, a)))
+        return 0
+    variants = a.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+
+    shape = ["--heads", str(a.heads), "--kv-heads", str(a.kv_heads), "--head-dim", str(a.head_dim),
+             "--layers", str(a.layers), "--context", a.context]
+    per: dict[tuple[int, int], dict[str, float]] = {(n, c): {} for n in threads for c in contexts}
     with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for name, (grouped, linear) in variants.items():
-            module = DecodeAttention(a.layers, a.heads, a.kv_heads, a.head_dim, grouped, linear)
-            files[name] = Path(tmp) / f"{name.replace(' ', '_')}.pte"
-            build(module, files[name], delegate=linear)
-        for n in threads:
-            portable_lib._unsafe_reset_threadpool(n)
-            ptes = {name: portable_lib._load_for_executorch(str(f)) for name, f in files.items()}
-            for c in contexts:
-                rows.append((n, c, {name: time_calls(p, q, c, a.layers) for name, p in ptes.items()}))
-                print(f"threads {n}, context {c}: done", file=sys.stderr, flush=True)
+        for v in variants:
+            path = Path(tmp) / f"{v}.pte"
+            build(v, a, path)
+            for n in threads:
+                run = subprocess.run([sys.executable, "-m", "benchmarks.tools.sdpa_alone", *shape, "--threads", str(n),
+                                      "--time-file", str(path)], capture_output=True, text=True, check=True)
+                for c, us in json.loads(run.stdout.strip().splitlines()[-1]).items():
+                    per[(n, int(c))][v] = us
+                print(f"{v}, {n} thread(s): done", file=sys.stderr, flush=True)
 
     print(f"custom_sdpa, {a.heads} query heads, {a.kv_heads} KV heads, head dim {a.head_dim}, "
-          f"{a.layers} layers, one query position; microseconds per attention call")
+          f"{a.layers} layers, one query position; microseconds per attention call, each variant in its own process")
     print("| threads | context | " + " | ".join(variants) + " |")
     print("| --: | --: |" + " --: |" * len(variants))
-    for n, c, per in rows:
-        print(f"| {n} | {c} | " + " | ".join(f"{per[v]:.1f}" for v in variants) + " |")
+    for (n, c), row in per.items():
+        print(f"| {n} | {c} | " + " | ".join(f"{row[v]:.1f}" for v in variants) + " |")
     return 0
 
 
