@@ -60,7 +60,11 @@ class PteModel:
             raise PtekitError(f"{self.path}: no '{method}' method; re-export with --eval-method")
         with native_calls(), one_thread_for_runtime_calls():
             out = self._module.run_method(method, (torch.tensor([tokens], dtype=torch.long), torch.tensor([start], dtype=torch.long)))[0]
-        return out[0] if all_logits else out[0, -1]
+        if all_logits:
+            return out[0]
+        # ptekit's files return [1, S, vocab]; export_llama's (a peer the benchmarks run) the last position's
+        # [1, vocab]. Either way the last row.
+        return out.reshape(-1, out.shape[-1])[-1]
 
     def write_etdump(self, path: Path) -> None:
         """The runtime's event trace of every execution so far (loaded with etdump=True)."""
