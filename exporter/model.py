@@ -51,9 +51,9 @@ def pair_swap() -> torch.Tensor:
 
     As a matmul it stays inside XNNPACK; slicing the pairs apart (a slice of dynamic length)
     would leave the delegate and split every layer's graph in four. One pair a row, not one head a
-    row (a [D, D] matrix): on x86 XNNPACK's fp32 kernel for the head-wide product left the thread
-    pool's worker in a state that made the attention kernel after it run up to 2.4 times slower
-    (docs/decode-profile.md); the pair-wide product does not, and both are exact.
+    row (a [D, D] matrix): on an AVX2-only AMD CPU, XNNPACK's fp32 kernel for the head-wide product
+    left the thread pool's worker in a state that made the attention kernel after it run up to 2.4
+    times slower (docs/decode-profile.md); the pair-wide product does not, and both are exact.
     """
     return torch.tensor([[0.0, -1.0], [1.0, 0.0]])
 

@@ -11,6 +11,8 @@ ptekit's exported model calls it, with one of these between consecutive calls (s
 - `head-swap`: an fp32 linear over each head's row ([H, D] by [D, D]), as RoPE's pair swap was written
   before commit 9355ede;
 - `pair-swap`: an fp32 linear over each pair ([H·D/2, 2] by [2, 2]), as RoPE's pair swap is written now;
+- `head-then-pair`: `head-swap`'s linear, then `pair-swap`'s (as in a qlora file, whose fp32 adapters run
+  before RoPE);
 - `4-bit`: the scheme's 4-bit linear over the whole output (XNNPACK's dynamically quantized GEMM);
 - `grouped`: no linear; the query heads that share a KV head passed as that KV head's rows (one call
   reads each KV head once instead of once per query head; exact for a single query position).
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 MAX_SEQ_LEN = 2048
-VARIANTS = ("alone", "with-xnnpack", "head-swap", "pair-swap", "4-bit", "grouped")
+VARIANTS = ("alone", "with-xnnpack", "head-swap", "pair-swap", "head-then-pair", "4-bit", "grouped")
 
 
 def decode_attention(variant: str, layers: int, heads: int, kv_heads: int, head_dim: int):
@@ -47,10 +49,13 @@ def decode_attention(variant: str, layers: int, heads: int, kv_heads: int, head_
             dim = heads * head_dim
             shapes = {"with-xnnpack": (dim, dim), "4-bit": (dim, dim), "head-swap": (head_dim, head_dim),
                       "pair-swap": (2, 2)}
-            self.proj = None
-            if variant in shapes:
-                n_out, n_in = shapes[variant]
-                self.proj = torch.nn.ModuleList(torch.nn.Linear(n_in, n_out, bias=False) for _ in range(layers))
+            self.proj = self.then = None
+            if variant == "head-then-pair":
+                variant_shapes = [shapes["head-swap"], shapes["pair-swap"]]
+            else:
+                variant_shapes = [shapes[variant]] if variant in shapes else []
+            for attr, (n_out, n_in) in zip(("proj", "then"), variant_shapes, strict=False):
+                setattr(self, attr, torch.nn.ModuleList(torch.nn.Linear(n_in, n_out, bias=False) for _ in range(layers)))
             if variant == "4-bit":
                 from torchao.quantization import quantize_
 
@@ -73,9 +78,9 @@ def decode_attention(variant: str, layers: int, heads: int, kv_heads: int, head_
                     y = y.transpose(1, 2).reshape(1, 1, heads, head_dim)
                 else:
                     y = torch.ops.llama.custom_sdpa(q, k, v, start, None, 0, True)
-                if self.proj is not None:
-                    rows = self.proj[i].in_features
-                    y = self.proj[i](y.reshape(1, -1, rows)).view(1, 1, heads, head_dim)
+                for proj in (self.proj, self.then):
+                    if proj is not None:
+                        y = proj[i](y.reshape(1, -1, proj[i].in_features)).view(1, 1, heads, head_dim)
                 q = y
             return q
 
