@@ -46,22 +46,19 @@ def decode_attention(variant: str, layers: int, heads: int, kv_heads: int, head_
             for i in range(layers):
                 self.register_buffer(f"k{i}", torch.randn(1, MAX_SEQ_LEN, kv_heads, head_dim))
                 self.register_buffer(f"v{i}", torch.randn(1, MAX_SEQ_LEN, kv_heads, head_dim))
+            # The width of each linear between consecutive attention calls (all square, applied to the
+            # attention output's rows of that width).
             dim = heads * head_dim
-            shapes = {"with-xnnpack": (dim, dim), "4-bit": (dim, dim), "head-swap": (head_dim, head_dim),
-                      "pair-swap": (2, 2)}
-            self.proj = self.then = None
-            if variant == "head-then-pair":
-                variant_shapes = [shapes["head-swap"], shapes["pair-swap"]]
-            else:
-                variant_shapes = [shapes[variant]] if variant in shapes else []
-            for attr, (n_out, n_in) in zip(("proj", "then"), variant_shapes, strict=False):
-                setattr(self, attr, torch.nn.ModuleList(torch.nn.Linear(n_in, n_out, bias=False) for _ in range(layers)))
+            widths = {"with-xnnpack": [dim], "4-bit": [dim], "head-swap": [head_dim], "pair-swap": [2],
+                      "head-then-pair": [head_dim, 2]}.get(variant, [])
+            self.stages = torch.nn.ModuleList(
+                torch.nn.ModuleList(torch.nn.Linear(w, w, bias=False) for _ in range(layers)) for w in widths)
             if variant == "4-bit":
                 from torchao.quantization import quantize_
 
                 from quant.scheme import block_linear_config
 
-                quantize_(self.proj, block_linear_config())
+                quantize_(self.stages, block_linear_config())
 
         def forward(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             start = pos[0].item()
@@ -78,9 +75,8 @@ def decode_attention(variant: str, layers: int, heads: int, kv_heads: int, head_
                     y = y.transpose(1, 2).reshape(1, 1, heads, head_dim)
                 else:
                     y = torch.ops.llama.custom_sdpa(q, k, v, start, None, 0, True)
-                for proj in (self.proj, self.then):
-                    if proj is not None:
-                        y = proj[i](y.reshape(1, -1, proj[i].in_features)).view(1, 1, heads, head_dim)
+                for stage in self.stages:
+                    y = stage[i](y.reshape(1, -1, stage[i].in_features)).view(1, 1, heads, head_dim)
                 q = y
             return q
 
@@ -99,7 +95,7 @@ def build(variant: str, a, path: Path) -> None:
     module = decode_attention(variant, a.layers, a.heads, a.kv_heads, a.head_dim)
     q = torch.randn(1, 1, a.heads, a.head_dim)
     ep = torch.export.export(module, (q, torch.tensor([a.heads])))
-    if module.proj is not None:
+    if len(module.stages):
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     else:
         edge = to_edge(ep)

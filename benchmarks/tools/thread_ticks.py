@@ -6,9 +6,8 @@ Prefills a prompt of --context tokens, then times --steps decode steps and reads
 the process, how often it went to sleep (voluntary context switches), how often it was preempted, and
 its user and system CPU time in clock ticks over those steps (/proc/self/task/*/status and stat). Each
 step feeds the greedy token, or --token at every step (the attention's work depends on the position, not
-on the token). A thread that runs
-all the time while another sleeps once a layer is the imbalance docs/decode-profile.md traces to the
-kernel that ran before the attention.
+on the token). A thread that runs all the time while another sleeps once a layer is the imbalance
+docs/decode-profile.md traces to the kernel that ran before the attention.
 """
 
 from __future__ import annotations
@@ -61,8 +60,10 @@ def main(argv=None) -> int:
     from executorch.extension.pybindings import portable_lib
 
     portable_lib._unsafe_reset_threadpool(a.threads)  # after loading, as benchmarks.pte_speed does
-    torch.manual_seed(0)
-    prompt = torch.randint(100, 20000, (a.context,)).tolist()
+    from benchmarks.pte_speed import prompt_ids
+
+    prompt = prompt_ids(a.pte, a.context, int(model.meta("get_vocab_size", 32000)))
+
     def next_token(logits: torch.Tensor) -> int:
         return int(logits.argmax()) if a.token is None else a.token
 
