@@ -54,9 +54,13 @@ def main(argv=None) -> int:
     runtime_process()
     import torch
 
+    from exporter.errors import PtekitError
     from exporter.runtime import PteModel
 
-    model = PteModel(a.pte)
+    try:
+        model = PteModel(a.pte)
+    except PtekitError as e:
+        raise SystemExit(str(e)) from None
     from executorch.extension.pybindings import portable_lib
 
     portable_lib._unsafe_reset_threadpool(a.threads)  # after loading, as benchmarks.pte_speed does
