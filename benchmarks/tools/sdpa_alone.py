@@ -20,6 +20,11 @@ Every variant and thread count runs in a process of its own: on x86 an XNNPACK k
 thread pool's worker in a state that slows the attention kernel until another kernel clears it, so a
 file run after another would inherit it (docs/decode-profile.md). Prints microseconds per attention
 call (median of 5 timings of 20 forward calls each).
+
+--read-mb N times each forward on its own (median of 200) after reading N MB of other memory, as a model's
+weights pass through the caches between two layers' attention calls (about 2 MB a layer in SmolLM2-135M);
+with --layers 1 that is the cost of one attention call whose code and K/V rows were pushed out of the
+caches. The time includes the Python call around the forward: compare it with --read-mb 0 (no read).
 """
 
 from __future__ import annotations
@@ -119,10 +124,21 @@ def time_file(path: Path, threads: int, contexts: list[int], a) -> dict[int, flo
     torch.manual_seed(1)
     q = torch.randn(1, 1, a.heads, a.head_dim)
     out = {}
+    other = torch.randn(int((a.read_mb or 0) * 2**18))  # a.read_mb MB of fp32
     for c in contexts:
         pos = torch.tensor([c - 1])
         for _ in range(3):
             pte.forward((q, pos))
+        if a.read_mb is not None:
+            timings = []
+            for _ in range(200):
+                if other.numel():
+                    other.sum()  # read only: written lines would add their write-back to the next call
+                t = time.perf_counter()
+                pte.forward((q, pos))
+                timings.append((time.perf_counter() - t) / a.layers * 1e6)
+            out[c] = statistics.median(timings)
+            continue
         timings = []
         for _ in range(5):
             t = time.perf_counter()
@@ -142,6 +158,8 @@ def main(argv=None) -> int:
     ap.add_argument("--context", default="64,256,1024,2000", help="keys attended to, comma-separated")
     ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--read-mb", type=float,
+                    help="MB of other memory read before each forward, each forward timed on its own (use --layers 1)")
     ap.add_argument("--time-file", type=Path, help=argparse.SUPPRESS)  # one measurement, in a child process
     a = ap.parse_args(argv)
     contexts = [int(c) for c in a.context.split(",")]
@@ -155,7 +173,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
 
     shape = ["--heads", str(a.heads), "--kv-heads", str(a.kv_heads), "--head-dim", str(a.head_dim),
-             "--layers", str(a.layers), "--context", a.context]
+             "--layers", str(a.layers), "--context", a.context] + ([] if a.read_mb is None else ["--read-mb", str(a.read_mb)])
     per: dict[tuple[int, int], dict[str, float]] = {(n, c): {} for n in threads for c in contexts}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
@@ -169,7 +187,8 @@ def main(argv=None) -> int:
                 print(f"{v}, {n} thread(s): done", file=sys.stderr, flush=True)
 
     print(f"custom_sdpa, {a.heads} query heads, {a.kv_heads} KV heads, head dim {a.head_dim}, "
-          f"{a.layers} layers, one query position; microseconds per attention call, each variant in its own process")
+          f"{a.layers} layers, one query position; microseconds per attention call, each variant in its own process"
+          + ("" if a.read_mb is None else f"; {a.read_mb:g} MB read before each forward, each forward timed on its own"))
     print("| threads | context | " + " | ".join(variants) + " |")
     print("| --: | --: |" + " --: |" * len(variants))
     for (n, c), row in per.items():
