@@ -16,6 +16,7 @@ targets), so no compute goes to padding. Preference pairs for DPO are read here 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from exporter.errors import PtekitError
 from quant.data import is_jsonl, jsonl_records, read_file, record_text
 
 SELF_GENERATED = "self"  # `--data self`: generate the training text from the BF16 model
+GEN_BATCH = 64  # sequences the model writes at once (self_generated), and kept at once (own_text)
 
 
 @dataclass
@@ -180,12 +182,16 @@ def load_preferences(path: Path, tok) -> list[PreferencePair]:
 
 
 @torch.no_grad()
-def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, batch: int = 64,
-                   greedy_tokens: int = 3, progress: bool = True, what: str = "training text") -> list[Example]:
+def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, batch: int = GEN_BATCH,
+                   greedy_tokens: int = 3, progress: bool = True, what: str = "training text",
+                   state: torch.Tensor | None = None, on_batch=None) -> list[Example]:
     """LLM-QAT's data-free recipe: a random first token, a few greedy tokens, then sampling.
 
     Uses the model's eager KV-cache path with a cache of `batch` rows; the caches are removed
-    afterwards so the model trains as before.
+    afterwards so the model trains as before. Batches are independent of each other but for the random
+    generator: state (a generator state that on_batch was given) continues a call where it stopped, in place
+    of seed; on_batch(examples, state), if given, is called after each batch of `batch` sequences with them
+    and the generator's state after them.
     """
     from exporter.progress import bar as progress_bar
 
@@ -195,6 +201,8 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
                           "export with a larger --max-seq-len or train on shorter windows")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
+    if state is not None:
+        g.set_state(state)
     out: list[Example] = []
     was_training = model.training
     model.eval()
@@ -218,7 +226,10 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
                 bar.update(b)
                 if pos < length - 1:
                     logits = model(nxt.to(device), torch.tensor([pos], device=device))[:, -1].float().cpu()
-            out += [Example(s.tolist(), [True] * length) for s in seq]
+            examples = [Example(s.tolist(), [True] * length) for s in seq]
+            out += examples
+            if on_batch is not None and b == batch:
+                on_batch(examples, g.get_state())
     finally:
         for layer in model.layers:
             layer.attention.k_cache = layer.attention.v_cache = None
@@ -230,15 +241,56 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
 def own_text(model, tok, n_sequences: int, length: int, seed: int, work_dir: Path, weights: str,
              progress: bool = True, what: str = "training text") -> list[Example]:
     """self_generated's sequences, kept in work_dir under a name made of what they depend on (`weights`:
-    quant.method.weights_hash of the model; the count, length and seed), so that an interrupted run, or one that
+    quant.method.weights_hash of the model; the count, length and seed), so that a later run, or one that
     changes any other option, reads them instead of writing them again (about 13 minutes for SmolLM2's
     256 x 513 tokens on 2 CPU cores). spinquant and qlora both keep their text here, under the same
-    names: the same checkpoint, count, length and seed give the same text in either."""
+    names: the same checkpoint, count, length and seed give the same text in either.
+
+    While it is written, each finished batch of GEN_BATCH sequences is kept too, with the random generator's
+    state after it (_kept_batches): a run that was interrupted, or that asked for fewer sequences, leaves
+    them, and a later call writes only the sequences after them. The text is the text of one uninterrupted
+    call, because each batch depends on the ones before it only through the generator."""
     key = hashlib.sha256(json.dumps([weights, n_sequences, length, seed]).encode()).hexdigest()[:16]
     cache = Path(work_dir) / f"own-text-{key}.jsonl"
-    if not cache.exists():
-        save_examples(cache, self_generated(model, tok, n_sequences, length, seed=seed, progress=progress, what=what))
+    if cache.exists():
+        return read_examples(cache)
+    from exporter.atomic import write_text
+
+    batch_key = hashlib.sha256(json.dumps([weights, length, seed, GEN_BATCH]).encode()).hexdigest()[:16]
+    batches = Path(work_dir) / f"own-text-{batch_key}.batches"
+    kept, state = _kept_batches(batches, n_sequences // GEN_BATCH, length)
+    done = len(kept) // GEN_BATCH
+
+    def keep(examples: list[Example], after: torch.Tensor) -> None:
+        nonlocal done
+        batches.mkdir(exist_ok=True)
+        write_text(batches / f"{done:05d}.json", json.dumps(
+            {"tokens": [e.tokens for e in examples], "state": base64.b64encode(bytes(after.tolist())).decode()}))
+        done += 1
+
+    rest = []
+    if len(kept) < n_sequences:
+        rest = self_generated(model, tok, n_sequences - len(kept), length, seed=seed, batch=GEN_BATCH,
+                              progress=progress, what=what, state=state, on_batch=keep)
+    save_examples(cache, kept + rest)
     return read_examples(cache)
+
+
+def _kept_batches(d: Path, at_most: int, length: int) -> tuple[list[Example], torch.Tensor | None]:
+    """The first batches in d that own_text kept, at most `at_most` of them, and the generator's state after
+    the last of them (None: none kept). An unreadable batch ends the list; it is written again."""
+    kept, state = [], None
+    for i in range(at_most):
+        try:
+            rec = json.loads((d / f"{i:05d}.json").read_text())
+            tokens, after = rec["tokens"], torch.tensor(list(base64.b64decode(rec["state"])), dtype=torch.uint8)
+        except (OSError, ValueError, KeyError, TypeError):
+            break
+        if len(tokens) != GEN_BATCH or any(len(t) != length for t in tokens):
+            break
+        kept += [Example(t, [True] * length) for t in tokens]
+        state = after
+    return kept, state
 
 
 def save_examples(path: Path, examples: list[Example]) -> None:

@@ -414,6 +414,45 @@ def test_own_text_is_written_once_per_weights_count_length_and_seed(tmp_path, mo
     assert len(calls) == 5 and len(list(tmp_path.glob("own-text-*.jsonl"))) == 5
 
 
+def test_own_text_continues_from_the_batches_an_interrupted_or_shorter_run_kept(tmp_path, monkeypatch):
+    """An interrupted run, or one that asked for fewer sequences, leaves its finished batches: a later call
+    writes only the sequences after them, and its text is the text of one uninterrupted call."""
+    from quant import sft_data
+
+    monkeypatch.setattr(sft_data, "GEN_BATCH", 2)
+    model, calls = small_model(), []
+    whole = sft_data.self_generated(model, None, 5, 20, seed=1, batch=2, progress=False)
+    real = sft_data.self_generated
+
+    def interrupted_after_one_batch(*a, on_batch=None, **k):
+        def once(examples, state):
+            on_batch(examples, state)
+            raise KeyboardInterrupt
+
+        return real(*a, on_batch=once, **k)
+
+    def counting(*a, **k):
+        calls.append(a[2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft_data, "self_generated", interrupted_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sft_data.own_text(model, None, 5, 20, 1, tmp_path, "w0", progress=False)
+    assert not list(tmp_path.glob("own-text-*.jsonl"))
+    monkeypatch.setattr(sft_data, "self_generated", counting)
+    resumed = sft_data.own_text(model, None, 5, 20, 1, tmp_path, "w0", progress=False)
+    assert [e.tokens for e in resumed] == [e.tokens for e in whole] and calls == [3]
+    # Asked for fewer first (3: one whole batch and one more sequence), then for all 5.
+    other = tmp_path / "other"
+    other.mkdir()
+    fewer = sft_data.own_text(model, None, 3, 20, 1, other, "w0", progress=False)
+    assert [e.tokens for e in fewer] == [e.tokens for e in sft_data.self_generated(
+        model, None, 3, 20, seed=1, batch=2, progress=False)]
+    calls.clear()
+    more = sft_data.own_text(model, None, 5, 20, 1, other, "w0", progress=False)
+    assert [e.tokens for e in more] == [e.tokens for e in whole] and calls == [3]
+
+
 def test_mixed_text_alternates_the_models_own_windows_with_the_calibration_texts(tok, wikitext_valid, tmp_path):
     """train_text=mixed: each generated window followed by a window of WikiText-2's validation text, every
     position a distillation target, and its own fingerprint (the saved rounds of the other are not reused)."""
