@@ -123,30 +123,39 @@ def time_file(path: Path, threads: int, contexts: list[int], a) -> dict[int, flo
     pte = portable_lib._load_for_executorch(str(path))
     torch.manual_seed(1)
     q = torch.randn(1, 1, a.heads, a.head_dim)
+    # a.read_mb MB of fp32, read (never written: written lines would add their write-back to the next call)
+    other = torch.randn(int(a.read_mb * 2**18)) if a.read_mb else None
     out = {}
-    other = torch.randn(int((a.read_mb or 0) * 2**18))  # a.read_mb MB of fp32
     for c in contexts:
-        pos = torch.tensor([c - 1])
+        args = (q, torch.tensor([c - 1]))
         for _ in range(3):
-            pte.forward((q, pos))
-        if a.read_mb is not None:
-            timings = []
-            for _ in range(200):
-                if other.numel():
-                    other.sum()  # read only: written lines would add their write-back to the next call
-                t = time.perf_counter()
-                pte.forward((q, pos))
-                timings.append((time.perf_counter() - t) / a.layers * 1e6)
-            out[c] = statistics.median(timings)
-            continue
-        timings = []
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(20):
-                pte.forward((q, pos))
-            timings.append((time.perf_counter() - t) / 20 / a.layers * 1e6)
-        out[c] = statistics.median(timings)
+            pte.forward(args)
+        us = _batched_us(pte, args) if a.read_mb is None else _one_by_one_us(pte, args, other)
+        out[c] = us / a.layers
     return out
+
+
+def _batched_us(pte, args) -> float:
+    """Microseconds a forward: the median of 5 timings of 20 forwards back to back."""
+    timings = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(20):
+            pte.forward(args)
+        timings.append((time.perf_counter() - t) / 20 * 1e6)
+    return statistics.median(timings)
+
+
+def _one_by_one_us(pte, args, other) -> float:
+    """Microseconds a forward: the median of 200 forwards each timed on its own, after reading `other`."""
+    timings = []
+    for _ in range(200):
+        if other is not None:
+            other.sum()
+        t = time.perf_counter()
+        pte.forward(args)
+        timings.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(timings)
 
 
 def main(argv=None) -> int:
