@@ -113,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
 
     load_executorch_ops()  # the LLM .pte uses ExecuTorch's custom SDPA/KV-cache and quantized kernels
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-    from executorch.extension.pybindings import portable_lib
+
+    from exporter.runtime import runtime_threads, set_runtime_threads
 
     if flags["cpu_threads"] > 0:
         _log.info(f"Resetting threadpool with num threads = {flags['cpu_threads']}")
-        portable_lib._unsafe_reset_threadpool(flags["cpu_threads"])
-    _log.info(f"ptekit-runner: threads = {portable_lib._threadpool_get_thread_count()}")
+        set_runtime_threads(flags["cpu_threads"])
+    _log.info(f"ptekit-runner: threads = {runtime_threads()}")
     _log.info(f"ptekit-runner: RSS before model load: {rss_mib():.1f} MiB (anonymous {rss_mib('RssAnon'):.1f} MiB, "
         f"file-backed {rss_mib('RssFile'):.1f} MiB)")
 

@@ -162,14 +162,12 @@ def measure_in_process(ptes: list[Path], labels: list[str], contexts: list[int],
 
     openmp.runtime_process()  # before torch loads libgomp
     from exporter.errors import PtekitError
-    from exporter.runtime import PteModel
+    from exporter.runtime import PteModel, set_runtime_threads
 
     try:
         models = [PteModel(p) for p in ptes]
         if threads:
-            from executorch.extension.pybindings import portable_lib
-
-            portable_lib._unsafe_reset_threadpool(threads)
+            set_runtime_threads(threads)
     except PtekitError as e:
         raise SystemExit(str(e)) from None
     for p, m in zip(ptes, models, strict=True):

@@ -21,6 +21,22 @@ def check_pte_header(path: Path) -> None:
         raise PtekitError(f"{path}: not a readable .pte (no ExecuTorch program header); is the file complete?")
 
 
+def set_runtime_threads(n: int) -> None:
+    """ExecuTorch's thread pool (XNNPACK's operators and the parallel loops of its other kernels) at n
+    threads. The pybindings call it unsafe because it replaces the pool under any method that is running;
+    between calls into the runtime, where every caller here sets it, nothing is."""
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(n)
+
+
+def runtime_threads() -> int:
+    """The size of ExecuTorch's thread pool (by default, the machine's cores)."""
+    from executorch.extension.pybindings import portable_lib
+
+    return portable_lib._threadpool_get_thread_count()
+
+
 class PteModel:
     def __init__(self, path: str | Path, etdump: bool = False):
         from exporter.lower import load_executorch_ops

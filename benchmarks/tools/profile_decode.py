@@ -196,9 +196,9 @@ def profile_in_process(a) -> list[dict] | None:
     from exporter.lower import load_executorch_ops
 
     load_executorch_ops()
-    from executorch.extension.pybindings import portable_lib
+    from exporter.runtime import set_runtime_threads
 
-    portable_lib._unsafe_reset_threadpool(a.threads or os.cpu_count() or 1)
+    set_runtime_threads(a.threads or os.cpu_count() or 1)
     from exporter.errors import PtekitError
 
     try:

@@ -33,9 +33,10 @@ def stages(pte: Path, tokenizer: Path, prompt_len: int, gen: int, threads: int) 
     prompt = benchmark_prompt(Tokenizer(tokenizer), prompt_len)
     load_executorch_ops()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-    from executorch.extension.pybindings import portable_lib
 
-    portable_lib._unsafe_reset_threadpool(threads)
+    from exporter.runtime import set_runtime_threads
+
+    set_runtime_threads(threads)
     out = [("before load", status())]
     runner = TextLLMRunner(str(pte), str(tokenizer), None)
     out.append(("runner built", status()))

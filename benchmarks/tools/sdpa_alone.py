@@ -119,7 +119,9 @@ def time_file(path: Path, threads: int, contexts: list[int], a) -> dict[int, flo
     load_executorch_ops()
     from executorch.extension.pybindings import portable_lib
 
-    portable_lib._unsafe_reset_threadpool(threads)
+    from exporter.runtime import set_runtime_threads
+
+    set_runtime_threads(threads)
     pte = portable_lib._load_for_executorch(str(path))
     torch.manual_seed(1)
     q = torch.randn(1, 1, a.heads, a.head_dim)

@@ -55,15 +55,13 @@ def main(argv=None) -> int:
     import torch
 
     from exporter.errors import PtekitError
-    from exporter.runtime import PteModel
+    from exporter.runtime import PteModel, set_runtime_threads
 
     try:
         model = PteModel(a.pte)
     except PtekitError as e:
         raise SystemExit(str(e)) from None
-    from executorch.extension.pybindings import portable_lib
-
-    portable_lib._unsafe_reset_threadpool(a.threads)  # after loading, as benchmarks.pte_speed does
+    set_runtime_threads(a.threads)  # after loading, as benchmarks.pte_speed does
     from benchmarks.pte_speed import prompt_ids
 
     prompt = prompt_ids(a.pte, a.context, int(model.meta("get_vocab_size", 32000)))
