@@ -77,7 +77,7 @@ def cached_dir(name: str, build, *key_parts) -> Path:
     caller = Path(sys._getframe(1).f_code.co_filename)
     out = CACHE / f"{name}-{cache_key(name, caller.name, hashlib.sha256(caller.read_bytes()).hexdigest(), *key_parts)}"
     if not out.exists():
-        with built_once(out):
+        with built_once(out.name):
             if not out.exists():
                 with atomic_dir(out) as tmp:
                     build(tmp)
@@ -85,11 +85,11 @@ def cached_dir(name: str, build, *key_parts) -> Path:
 
 
 @contextlib.contextmanager
-def built_once(entry: Path):
-    """Held while `entry` is built: the suite runs in several processes (pytest-xdist), and a second
-    process that needs the same entry waits for the first one's instead of building it again."""
+def built_once(name: str):
+    """Held while the artefact `name` is built: the suite runs in several processes (pytest-xdist), and a
+    second process that needs the same artefact waits for the first one's instead of building it again."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f".{entry.name}.lock", "w") as fh:
+    with open(CACHE / f".{name}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         yield
 
@@ -117,7 +117,7 @@ def smollm2_gguf() -> Path:
 def smollm2_hf(smollm2_gguf) -> Path:
     from exporter.gguf_import import import_gguf_cached
 
-    with built_once(Path(os.environ["PTEKIT_CACHE"]) / "smollm2-gguf-import"):
+    with built_once("smollm2-gguf-import"):
         return import_gguf_cached(smollm2_gguf)
 
 
