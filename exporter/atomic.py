@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -191,3 +192,16 @@ def atomic_dir(final: Path, keep: Callable[[str], bool] | None = None):
                 for p in made:
                     with contextlib.suppress(OSError):
                         p.rmdir()
+
+
+@contextlib.contextmanager
+def built_once(lock: Path):
+    """Held while one process builds a shared output (a cached GGUF import, a test artefact): a second
+    process that needs the same output waits here for the first one's instead of building it again.
+    The caller checks again, under the lock, whether the output exists. An flock is released by the
+    kernel when its process dies, so an interrupted build never leaves the lock held."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield

@@ -8,8 +8,6 @@ any of them builds a new entry instead of reusing a stale one.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -84,14 +82,12 @@ def cached_dir(name: str, build, *key_parts) -> Path:
     return out
 
 
-@contextlib.contextmanager
 def built_once(name: str):
     """Held while the artefact `name` is built: the suite runs in several processes (pytest-xdist), and a
     second process that needs the same artefact waits for the first one's instead of building it again."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f".{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
+    from exporter.atomic import built_once as locked
+
+    return locked(CACHE / f".{name}.lock")
 
 
 @pytest.fixture
@@ -117,8 +113,7 @@ def smollm2_gguf() -> Path:
 def smollm2_hf(smollm2_gguf) -> Path:
     from exporter.gguf_import import import_gguf_cached
 
-    with built_once("smollm2-gguf-import"):
-        return import_gguf_cached(smollm2_gguf)
+    return import_gguf_cached(smollm2_gguf)  # one import, however many workers ask for it at once
 
 
 TINY_CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=49152)

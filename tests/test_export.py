@@ -288,6 +288,20 @@ def test_outputs_get_the_mode_a_plain_open_gives(tmp_path):
     assert (tmp_path / "model.pte").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "trained").stat().st_mode & 0o777 == 0o777 & ~umask
 
+def test_a_shared_output_is_built_by_one_process_at_a_time(tmp_path):
+    """Two processes that need the same cached output (two ptekit runs importing one GGUF): the second
+    waits under built_once until the first has finished, so their builds never overlap."""
+    log = tmp_path / "log"
+    code = ("import sys, time; from exporter.atomic import built_once\n"
+            f"with built_once({str(tmp_path / '.out.lock')!r}):\n"
+            f"    open({str(log)!r}, 'a').write(sys.argv[1] + ' in\\n'); time.sleep(0.5)\n"
+            f"    open({str(log)!r}, 'a').write(sys.argv[1] + ' out\\n')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, name], cwd=REPO) for name in ("a", "b")]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    lines = log.read_text().split()
+    assert len(lines) == 8 and lines[1::2] == ["in", "out", "in", "out"] and lines[0] == lines[2] != lines[4] == lines[6]
+
+
 
 def test_info_reports_delegation(tiny_ptq_pte):
     r = ptekit("info", tiny_ptq_pte)
