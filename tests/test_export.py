@@ -288,6 +288,7 @@ def test_outputs_get_the_mode_a_plain_open_gives(tmp_path):
     assert (tmp_path / "model.pte").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "trained").stat().st_mode & 0o777 == 0o777 & ~umask
 
+
 def test_a_shared_output_is_built_by_one_process_at_a_time(tmp_path):
     """Two processes that need the same cached output (two ptekit runs importing one GGUF): the second
     waits under built_once until the first has finished, so their builds never overlap."""
@@ -300,7 +301,6 @@ def test_a_shared_output_is_built_by_one_process_at_a_time(tmp_path):
     assert [p.wait(timeout=60) for p in procs] == [0, 0]
     lines = log.read_text().split()
     assert len(lines) == 8 and lines[1::2] == ["in", "out", "in", "out"] and lines[0] == lines[2] != lines[4] == lines[6]
-
 
 
 def test_info_reports_delegation(tiny_ptq_pte):
