@@ -70,24 +70,16 @@ def cached_dir(name: str, build, *key_parts) -> Path:
     """CACHE/name-<cache key>, built by build(tmp_dir) if absent; atomic so a killed run leaves nothing.
     key_parts: whatever else shapes the build (its arguments), in a stable repr. The calling file
     is hashed too, since a test module's fixture configs (sizes, seeds) shape what it builds."""
-    from exporter.atomic import atomic_dir
+    from exporter.atomic import atomic_dir, built_once
 
     caller = Path(sys._getframe(1).f_code.co_filename)
     out = CACHE / f"{name}-{cache_key(name, caller.name, hashlib.sha256(caller.read_bytes()).hexdigest(), *key_parts)}"
     if not out.exists():
-        with built_once(out.name):
+        with built_once(CACHE / f".{out.name}.lock"):  # xdist workers: one builds it, the others wait and reuse it
             if not out.exists():
                 with atomic_dir(out) as tmp:
                     build(tmp)
     return out
-
-
-def built_once(name: str):
-    """Held while the artefact `name` is built: the suite runs in several processes (pytest-xdist), and a
-    second process that needs the same artefact waits for the first one's instead of building it again."""
-    from exporter.atomic import built_once as locked
-
-    return locked(CACHE / f".{name}.lock")
 
 
 @pytest.fixture
