@@ -194,14 +194,18 @@ def atomic_dir(final: Path, keep: Callable[[str], bool] | None = None):
                         p.rmdir()
 
 
-@contextlib.contextmanager
-def built_once(lock: Path):
-    """Held while one process builds a shared output (a cached GGUF import, a test artefact): a second
-    process that needs the same output waits here for the first one's instead of building it again.
-    The caller checks again, under the lock, whether the output exists. An flock is released by the
-    kernel when its process dies, so an interrupted build never leaves the lock held."""
-    lock = Path(lock)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
+def shared_dir(final: Path, build: Callable[[], object]) -> Path:
+    """final, a directory that several processes may need at once (a cached GGUF import, a test
+    artefact). If it is absent, build() makes it whole or not at all (through atomic_dir) while a
+    file lock beside it is held: a second process waits for the first one's build and reuses it
+    instead of building it again. An flock is released by the kernel when its process dies, so an
+    interrupted build never leaves the lock held."""
+    final = Path(final)
+    if not final.exists():
+        lock = final.with_name(f".{final.name}.lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            if not final.exists():  # the process that held the lock before may have built it
+                build()
+    return final

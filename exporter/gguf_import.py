@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.atomic import atomic_dir, built_once
+from exporter.atomic import atomic_dir, shared_dir
 from exporter.checkpoint import meta_to_hf_tensor
 from exporter.config import NUMBER, SIZE, ConfigReader, ModelConfig, RopeScaling, build_config, to_hf_config
 from exporter.errors import PtekitError
@@ -294,8 +294,4 @@ def import_gguf_cached(path: Path) -> Path:
     st = Path(path).stat()
     key = hashlib.sha256(f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "gguf" / f"{Path(path).stem}-{key}"
-    if not (out / "config.json").exists():
-        with built_once(out.with_name(f".{out.name}.lock")):  # two ptekit runs at once import it once
-            if not (out / "config.json").exists():
-                import_gguf(path, out)
-    return out
+    return shared_dir(out, lambda: import_gguf(path, out))  # two ptekit runs at once import it once

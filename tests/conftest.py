@@ -70,16 +70,16 @@ def cached_dir(name: str, build, *key_parts) -> Path:
     """CACHE/name-<cache key>, built by build(tmp_dir) if absent; atomic so a killed run leaves nothing.
     key_parts: whatever else shapes the build (its arguments), in a stable repr. The calling file
     is hashed too, since a test module's fixture configs (sizes, seeds) shape what it builds."""
-    from exporter.atomic import atomic_dir, built_once
+    from exporter.atomic import atomic_dir, shared_dir
 
     caller = Path(sys._getframe(1).f_code.co_filename)
     out = CACHE / f"{name}-{cache_key(name, caller.name, hashlib.sha256(caller.read_bytes()).hexdigest(), *key_parts)}"
-    if not out.exists():
-        with built_once(CACHE / f".{out.name}.lock"):  # xdist workers: one builds it, the others wait and reuse it
-            if not out.exists():
-                with atomic_dir(out) as tmp:
-                    build(tmp)
-    return out
+
+    def build_whole():
+        with atomic_dir(out) as tmp:
+            build(tmp)
+
+    return shared_dir(out, build_whole)  # xdist workers: one builds it, the others wait and reuse it
 
 
 @pytest.fixture

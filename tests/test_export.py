@@ -289,18 +289,22 @@ def test_outputs_get_the_mode_a_plain_open_gives(tmp_path):
     assert (tmp_path / "trained").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
-def test_a_shared_output_is_built_by_one_process_at_a_time(tmp_path):
-    """Two processes that need the same cached output (two ptekit runs importing one GGUF): the second
-    waits under built_once until the first has finished, so their builds never overlap."""
-    log = tmp_path / "log"
-    code = ("import sys, time; from exporter.atomic import built_once\n"
-            f"with built_once({str(tmp_path / '.out.lock')!r}):\n"
+def test_a_shared_output_is_built_once_by_processes_that_need_it_together(tmp_path):
+    """Two processes that need the same cached output at once (two ptekit runs importing one GGUF):
+    the first builds it, the second waits for that build and reuses it instead of building again."""
+    log, out = tmp_path / "log", tmp_path / "out"
+    code = ("import pathlib, sys, time; from exporter.atomic import atomic_dir, shared_dir\n"
+            "def build():\n"
             f"    open({str(log)!r}, 'a').write(sys.argv[1] + ' in\\n'); time.sleep(0.5)\n"
-            f"    open({str(log)!r}, 'a').write(sys.argv[1] + ' out\\n')\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, name], cwd=REPO) for name in ("a", "b")]
-    assert [p.wait(timeout=60) for p in procs] == [0, 0]
-    lines = log.read_text().split()
-    assert len(lines) == 8 and lines[1::2] == ["in", "out", "in", "out"] and lines[0] == lines[2] != lines[4] == lines[6]
+            f"    with atomic_dir(pathlib.Path({str(out)!r})) as tmp: (tmp / 'by').write_text(sys.argv[1])\n"
+            f"    open({str(log)!r}, 'a').write(sys.argv[1] + ' out\\n')\n"
+            f"print((shared_dir(pathlib.Path({str(out)!r}), build) / 'by').read_text())\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, name], cwd=REPO, stdout=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    builder = (out / "by").read_text()
+    assert log.read_text().split() == [builder, "in", builder, "out"] and outputs == [builder, builder]
 
 
 def test_info_reports_delegation(tiny_ptq_pte):
