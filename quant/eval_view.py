@@ -11,7 +11,7 @@ int8 embedding keeps its fp32 scales and hands its rows on in bf16), so target a
 computed in the same arithmetic and differ by the quantization alone.
 
 How far this moves the figures from torchao's exact fp32 path is measured, not assumed: see
-BENCHMARKS.md (eval section) and tests/test_quality.py.
+docs/quality.md and tests/test_quality.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ and tests/test_spinquant.py check them integer for integer); the code is written
 memory as possible. On a CPU a training step of a fake-quantized model is dominated not by its
 matmuls but by quantizing every weight and activation, and torchao's QAT fake quantizers
 (torchao.quantization.qat) take two to three times longer for the same numbers (measured on
-SmolLM2-135M: BENCHMARKS.md, QAT). SpinQuant's rotation training and qlora's QAT both use this.
+SmolLM2-135M). SpinQuant's rotation training and qlora's QAT both use this.
 """
 
 from __future__ import annotations

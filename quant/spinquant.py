@@ -98,7 +98,7 @@ class Settings:
     gptq_seq_len: int = 2048
     damp: float = 0.01
     # GPTQ in order of decreasing activation energy (static groups, so the .pte's layout is
-    # unchanged): on SmolLM2 after the learned rotations it cut PPL from 34.07 to 33.06 (BENCHMARKS.md).
+    # unchanged): on SmolLM2 after the learned rotations it cut PPL from 34.07 to 33.06 (docs/spinquant.md).
     act_order: bool = True
     true_sequential: bool = True
     init_probe: int = 5  # init=auto: steps each start is optimized before the better one is kept
@@ -330,7 +330,7 @@ def _start(loss_fn, pool, s: Settings, cfg, device, progress: bool) -> _Run:
     """The run to continue. For init=auto both starts take the first `init_probe` steps of the
     optimization on the same batches and the lower mean loss goes on: on SmolLM2 the identity has
     the lower loss before any step (its weights sit on the GGUF's 4-bit grid) and the higher one
-    from the first step on, and ends worse (BENCHMARKS.md, SpinQuant). init_probe=0 compares
+    from the first step on, and ends worse (docs/spinquant.md). init_probe=0 compares
     the starts' loss before any step, on init_eval_batches batches."""
     candidates = {"identity": identity_rotations(cfg), "hadamard": random_rotations(cfg, s.seed)}
     if s.init != "auto":
