@@ -194,18 +194,27 @@ def atomic_dir(final: Path, keep: Callable[[str], bool] | None = None):
                         p.rmdir()
 
 
+@contextlib.contextmanager
+def held_lock(final: Path):
+    """An exclusive file lock named after `final` (`.NAME.lock` beside it), held for the block: one
+    process at a time builds `final`, and the others wait for it. An flock is released by the kernel when
+    its process dies, so an interrupted build never leaves the lock held."""
+    final = Path(final)
+    lock = final.with_name(f".{final.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def shared_dir(final: Path, build: Callable[[], object]) -> Path:
     """final, a directory that several processes may need at once (a cached GGUF import, a test
-    artefact). If it is absent, build() makes it whole or not at all (through atomic_dir) while a
-    file lock beside it is held: a second process waits for the first one's build and reuses it
-    instead of building it again. An flock is released by the kernel when its process dies, so an
-    interrupted build never leaves the lock held."""
+    artefact). If it is absent, build() makes it whole or not at all (through atomic_dir) under
+    held_lock: a second process waits for the first one's build and reuses it instead of building it
+    again."""
     final = Path(final)
     if not final.exists():
-        lock = final.with_name(f".{final.name}.lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        with held_lock(final):
             if not final.exists():  # the process that held the lock before may have built it
                 build()
     return final

@@ -58,10 +58,23 @@ EVAL_SEQ_LEN = 512  # `ptekit eval --seq-len`
 EVAL_BATCH_TOKENS = 2048
 
 
+CACHE_ENV = "PTEKIT_CACHE"
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptekit"
+
+
+def cache_dir() -> Path:
+    """What ptekit builds once and reuses across outputs and methods: $PTEKIT_CACHE, default
+    $XDG_CACHE_HOME/ptekit or ~/.cache/ptekit (GGUF imports under gguf/, the text a model writes itself
+    under own-text/)."""
+    return Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else _user_cache()
+
+
 def user_data_dir() -> Path:
     """The user's data directory: $XDG_CACHE_HOME/ptekit/data (default ~/.cache/ptekit/data)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ptekit" / "data"
+    return _user_cache() / "data"
 
 
 def checkout_data_dir() -> Path | None:

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from exporter.atomic import atomic_dir, shared_dir
 from exporter.checkpoint import meta_to_hf_tensor
 from exporter.config import NUMBER, SIZE, ConfigReader, ModelConfig, RopeScaling, build_config, to_hf_config
+from exporter.defaults import cache_dir
 from exporter.errors import PtekitError
 from exporter.progress import bar as progress_bar
 
@@ -283,10 +283,6 @@ def import_gguf(path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) 
         (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
     return Path(out_dir)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PTEKIT_CACHE", Path.home() / ".cache" / "ptekit"))
 
 
 def import_gguf_cached(path: Path) -> Path:

@@ -134,7 +134,7 @@ def update_with_weights(h, model):
 
 def weights_hash(model) -> str:
     """The first 16 hex digits of update_with_weights' SHA-256: what names the model's own text
-    (quant.sft_data.own_text) in either method's work directory."""
+    (quant.sft_data.own_text) for either method."""
     import hashlib
 
     return update_with_weights(hashlib.sha256(), model).hexdigest()[:16]

@@ -216,7 +216,7 @@ def training_windows(src, inputs: MethodInputs, s: QLoRASettings, seq_len: int, 
     if src == sft_data.SELF_GENERATED:
         def text():
             return sft_data.own_text(teacher.to(device), inputs.tokenizer, s.gen_sequences, seq_len + 1, inputs.seed,
-                                     inputs.work_dir, weights, progress=s.progress)
+                                     sft_data.own_text_dir(), weights, progress=s.progress)
 
         if d.main:  # the main process writes the text; the others read it after the barrier
             text()

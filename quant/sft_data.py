@@ -238,26 +238,46 @@ def self_generated(model, tok, n_sequences: int, length: int, seed: int = 0, bat
     return out
 
 
-def own_text(model, tok, n_sequences: int, length: int, seed: int, work_dir: Path, weights: str,
+def own_text_dir() -> Path:
+    """Where own_text keeps the text models write: under ptekit's cache (exporter.defaults.cache_dir), not in
+    a method's work directory, so that spinquant and qlora, and exports to other outputs or with other
+    options, read the text one run wrote."""
+    from exporter.defaults import cache_dir
+
+    return cache_dir() / "own-text"
+
+
+def own_text(model, tok, n_sequences: int, length: int, seed: int, directory: Path, weights: str,
              progress: bool = True, what: str = "training text") -> list[Example]:
-    """self_generated's sequences, kept in work_dir under a name made of what they depend on (`weights`:
-    quant.method.weights_hash of the model; the count, length and seed), so that a later run, or one that
-    changes any other option, reads them instead of writing them again (about 13 minutes for SmolLM2's
-    256 x 513 tokens on 2 CPU cores). spinquant and qlora both keep their text here, under the same
-    names: the same checkpoint, count, length and seed give the same text in either.
+    """self_generated's sequences, kept in `directory` (own_text_dir() for the methods) under a name made of
+    what they depend on (`weights`: quant.method.weights_hash of the model; the count, length and seed), so
+    that a later run reads them instead of writing them again (about 13 minutes for SmolLM2's 256 x 513
+    tokens on 2 CPU cores). spinquant and qlora ask for the same text: the same checkpoint, count, length
+    and seed give the same file to either. Two processes that need the same text at once write it once:
+    the second waits for the first (exporter.atomic.held_lock).
 
     While it is written, each finished batch of GEN_BATCH sequences is kept too, with the random generator's
     state after it (_kept_batches): a run that was interrupted, or that asked for fewer sequences, leaves
     them, and a later call writes only the sequences after them. The text is the text of one uninterrupted
     call, because each batch depends on the ones before it only through the generator."""
+    from exporter.atomic import held_lock
+
     key = hashlib.sha256(json.dumps([weights, n_sequences, length, seed]).encode()).hexdigest()[:16]
-    cache = Path(work_dir) / f"own-text-{key}.jsonl"
+    cache = Path(directory) / f"own-text-{key}.jsonl"
     if cache.exists():
         return read_examples(cache)
+    with held_lock(cache):
+        if not cache.exists():  # else another process wrote it while this one waited
+            _write_own_text(cache, model, tok, n_sequences, length, seed, weights, progress, what)
+    return read_examples(cache)
+
+
+def _write_own_text(cache: Path, model, tok, n_sequences: int, length: int, seed: int, weights: str,
+                    progress: bool, what: str) -> None:
     from exporter.atomic import write_text
 
     batch_key = hashlib.sha256(json.dumps([weights, length, seed, GEN_BATCH]).encode()).hexdigest()[:16]
-    batches = Path(work_dir) / f"own-text-{batch_key}.batches"
+    batches = cache.parent / f"own-text-{batch_key}.batches"
     kept, state = _kept_batches(batches, n_sequences // GEN_BATCH, length)
     done = len(kept) // GEN_BATCH
 
@@ -273,7 +293,6 @@ def own_text(model, tok, n_sequences: int, length: int, seed: int, work_dir: Pat
         rest = self_generated(model, tok, n_sequences - len(kept), length, seed=seed, batch=GEN_BATCH,
                               progress=progress, what=what, state=state, on_batch=keep)
     save_examples(cache, kept + rest)
-    return read_examples(cache)
 
 
 def _kept_batches(d: Path, at_most: int, length: int) -> tuple[list[Example], torch.Tensor | None]:

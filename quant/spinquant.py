@@ -19,7 +19,8 @@ by default, on as many self-written windows (gptq_data=mixed).
 
 Everything is kept under inputs.work_dir: the optimization state after every step (an
 interrupted run resumes where it stopped), the learned rotations, and the rotated, quantized
-checkpoint with a manifest, so exporting again skips straight to lowering.
+checkpoint with a manifest, so exporting again skips straight to lowering. The text the model writes
+is kept in ptekit's cache instead (quant.sft_data.own_text_dir), where qlora and later exports read it.
 
 Options (inputs.options; values may be strings as a CLI passes them):
   preset            paper (default with --device cuda) | cpu (default otherwise)
@@ -482,7 +483,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     seconds, record = {}, {}
     pool, tokens = None, None
     if needs_text:
-        pool, tokens = text_windows(model.to(device), inputs.tokenizer, s, calibration, work, text_fp)
+        pool, tokens = text_windows(model.to(device), inputs.tokenizer, s, calibration, text_fp)
         seconds["text"] = round(time.perf_counter() - t0, 1)  # written by the model, or read from the file
     r4 = _prepare(model, s)
     r1 = r2 = None
@@ -521,7 +522,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     return apply_scheme(model, weights)
 
 
-def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | None, work: Path,
+def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | None,
                  text_fp: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(the rotations' training windows, GPTQ's calibration windows), None where that step does not run.
     Without a calibration file both come from gptq_samples sequences the model writes, one token longer
@@ -531,7 +532,7 @@ def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | N
     learned = s.rotation == "learned"
     if calibration is None:
         length = max(s.train_seq_len if learned else 0, s.gptq_seq_len) + 1
-        own = generated_windows(model, tokenizer, s.gptq_samples, length, s, work, text_fp)
+        own = generated_windows(model, tokenizer, s.gptq_samples, length, s, text_fp)
         return (own[:, : s.train_seq_len] if learned else None), (own[:, : s.gptq_seq_len] if s.gptq else None)
     stream = data.token_stream(calibration, tokenizer)
     pool = data.windows(stream, s.train_seq_len, s.seed, at_least=s.train_batch, source=calibration) if learned else None
@@ -540,7 +541,7 @@ def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | N
     generated = None
     if s.gptq_data != "calibration":
         n = s.gptq_samples if s.gptq_data == "generated" else s.gptq_samples // 2
-        generated = generated_windows(model, tokenizer, n, s.gptq_seq_len, s, work, text_fp)
+        generated = generated_windows(model, tokenizer, n, s.gptq_seq_len, s, text_fp)
     # With gptq_data=mixed the file need only hold the windows the generated ones leave.
     needed = s.gptq_samples - (len(generated) if generated is not None else 0)
     tokens = data.windows(stream, s.gptq_seq_len, s.seed + 1, at_least=needed, source=calibration)
@@ -549,11 +550,13 @@ def text_windows(model: nn.Module, tokenizer, s: Settings, calibration: Path | N
     return pool, tokens[: s.gptq_samples]
 
 
-def generated_windows(model: nn.Module, tokenizer, n: int, length: int, s: Settings, work: Path,
+def generated_windows(model: nn.Module, tokenizer, n: int, length: int, s: Settings,
                       text_fp: str) -> torch.Tensor:
     """n sequences of `length` tokens written by the model as it is, before anything rotates it: [n, length]
-    (sft_data.own_text keeps them in the work directory; text_fp: quant.method.weights_hash of the model)."""
-    examples = sft_data.own_text(model, tokenizer, n, length, s.seed, work, text_fp, what="calibration text")
+    (sft_data.own_text keeps them in ptekit's cache, where qlora finds them; text_fp: quant.method.weights_hash of
+    the model)."""
+    examples = sft_data.own_text(model, tokenizer, n, length, s.seed, sft_data.own_text_dir(), text_fp,
+                                 what="calibration text")
     return torch.tensor([e.tokens for e in examples])
 
 

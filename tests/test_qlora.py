@@ -414,6 +414,37 @@ def test_own_text_is_written_once_per_weights_count_length_and_seed(tmp_path, mo
     assert len(calls) == 5 and len(list(tmp_path.glob("own-text-*.jsonl"))) == 5
 
 
+def test_two_runs_that_need_the_same_own_text_at_once_write_it_once(tmp_path, monkeypatch):
+    """spinquant and qlora exports started together (or a test run's workers) share the text: the second
+    waits on the first one's lock and reads what it wrote."""
+    import threading
+    import time
+
+    from quant import sft_data
+
+    model, calls = small_model(), []
+    real = sft_data.self_generated
+
+    def slow(*a, **k):
+        calls.append(a[2])
+        time.sleep(0.5)  # long enough for the other thread to reach the lock
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft_data, "self_generated", slow)
+    results = [None, None]
+
+    def run(i):
+        results[i] = sft_data.own_text(model, None, 3, 20, 1, tmp_path, "w0", progress=False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [3]
+    assert [e.tokens for e in results[0]] == [e.tokens for e in results[1]]
+
+
 def test_own_text_continues_from_the_batches_an_interrupted_or_shorter_run_kept(tmp_path, monkeypatch):
     """An interrupted run, or one that asked for fewer sequences, leaves its finished batches: a later call
     writes only the sequences after them, and its text is the text of one uninterrupted call."""

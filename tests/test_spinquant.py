@@ -426,10 +426,12 @@ def test_rotation_training_runs_in_bf16_only_where_the_cpu_multiplies_bf16(tmp_p
 
 def test_mixed_gptq_data_is_half_self_generated_and_kept_for_a_rerun(tiny96_hf, calibration, tmp_path, monkeypatch):
     """gptq_data=mixed: GPTQ sees the model's own text in its first half of windows, the calibration text in
-    the second; the generated windows stay in the work directory, so a rerun does not write them again."""
+    the second; the generated windows stay in ptekit's cache, so a rerun, in this work directory or
+    another, does not write them again."""
     from exporter.tokenizer import Tokenizer
     from quant import data, gptq, sft_data, spinquant
 
+    monkeypatch.setenv("PTEKIT_CACHE", str(tmp_path / "cache"))
     ckpt = load_checkpoint(tiny96_hf)
     tok = Tokenizer(ckpt.tokenizer_path)
     seen = []
@@ -449,7 +451,8 @@ def test_mixed_gptq_data_is_half_self_generated_and_kept_for_a_rerun(tiny96_hf, 
     half = s.gptq_samples // 2
     torch.testing.assert_close(tokens[half:], calib[:half])
     assert not any(torch.equal(row, c) for row in tokens[:half] for c in calib)  # not calibration windows
-    cached = list(tmp_path.glob("own-text-*.jsonl"))
+    assert not list(tmp_path.glob("own-text-*"))  # not in the work directory
+    cached = list((tmp_path / "cache" / "own-text").glob("own-text-*.jsonl"))
     assert len(cached) == 1
     assert torch.equal(torch.tensor([e.tokens for e in sft_data.read_examples(cached[0])]), tokens[:half])
 
@@ -468,6 +471,9 @@ def test_mixed_gptq_data_is_half_self_generated_and_kept_for_a_rerun(tiny96_hf, 
     spinquant.quantize(build_model(ckpt, max_seq_len=64), inputs(tmp_path, tok, calibration, rotation="hadamard",
                                                                  gptq_data="mixed", lr="0.5"))
     assert torch.equal(seen[3], tokens)
+    spinquant.quantize(build_model(ckpt, max_seq_len=64), inputs(tmp_path / "other", tok, calibration,
+                                                                 rotation="hadamard", gptq_data="mixed"))
+    assert torch.equal(seen[4], tokens)  # another export's work directory: the same text, not written again
     with pytest.raises(PtekitError, match="gptq_data='text'; choose one of calibration, generated, mixed"):
         spinquant.settings_from(inputs(tmp_path, tok, calibration, gptq_data="text"))
 
