@@ -120,7 +120,10 @@ def _carry(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
             _link_or_copy(entry.path, str(new / entry.name))
 
 
-def _fsync_tree(d: Path) -> None:
+def _finish_tree(d: Path) -> None:
+    """Every file under d synced, and given the read and write bits a plain open() would: safetensors'
+    writer, for one, creates its files 0600, which would leave an imported checkpoint unreadable to other
+    users."""
     for root, _, files in os.walk(d):
         for name in files:
             p = os.path.join(root, name)
@@ -128,6 +131,7 @@ def _fsync_tree(d: Path) -> None:
                 fd = os.open(p, os.O_RDONLY)
                 try:
                     os.fsync(fd)
+                    os.fchmod(fd, (os.fstat(fd).st_mode & 0o777) | (0o666 & ~_UMASK))
                 finally:
                     os.close(fd)
 
@@ -166,7 +170,7 @@ def atomic_dir(final: Path, keep: Callable[[str], bool] | None = None):
         yield tmp
         if keep is not None and final.is_dir():
             _carry(final, tmp, keep)
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         os.chmod(tmp, 0o777 & ~_UMASK)
         with _interrupts_deferred():
             if not final.exists():

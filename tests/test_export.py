@@ -277,7 +277,10 @@ def test_reexport_without_rename_exchange(quick_lower, previous_export, tiny_hf,
 
 
 def test_outputs_get_the_mode_a_plain_open_gives(tmp_path):
-    """Temp files are created 0600 (mkstemp); the renamed output must not stay private."""
+    """Temp files are created 0600 (mkstemp), and so are safetensors' files (an imported checkpoint, a
+    method's saved weights); the renamed output must not stay private."""
+    from safetensors.torch import save_file
+
     from exporter.atomic import atomic_dir, write_bytes
 
     umask = os.umask(0)
@@ -285,8 +288,11 @@ def test_outputs_get_the_mode_a_plain_open_gives(tmp_path):
     write_bytes(tmp_path / "model.pte", b"x")
     with atomic_dir(tmp_path / "trained") as d:
         (d / "w").write_bytes(b"y")
+        save_file({"a": torch.zeros(2)}, str(d / "model.safetensors"))
     assert (tmp_path / "model.pte").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "trained").stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("w", "model.safetensors"):
+        assert (tmp_path / "trained" / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_a_shared_output_is_built_once_by_processes_that_need_it_together(tmp_path):
