@@ -46,8 +46,11 @@ SIZE_RUN_OPTIONS = {
     "spinquant": ("iterations=1", "train_batch=1", "train_seq_len=256", "init_probe=0", "init_eval_batches=1",
                   "gptq_samples=8", "gptq_seq_len=256"),  # the model writes 8 windows of 257 tokens to learn on
     # gen_sequences=1: the one training window the LoRA step reads; with the default 256 a 1B run on 2 CPU
-    # cores was still writing its training text after 8 minutes.
-    "qlora": ("qat_steps=0", "lora_steps=1", "micro_batch=1", "grad_accum=1", "seq_len=256", "gen_sequences=1"),
+    # cores was still writing its training text after 8 minutes. rotation=hadamard: the default start learns
+    # its rotations with spinquant's full cpu preset (100 steps), which none of these options shorten; a
+    # Hadamard start leaves the same file (R1/R2 merged into the weights, R4 online, GPTQ's integers).
+    "qlora": ("qat_steps=0", "lora_steps=1", "micro_batch=1", "grad_accum=1", "seq_len=256", "gen_sequences=1",
+              "rotation=hadamard"),
 }
 
 

@@ -69,7 +69,7 @@ def export(
     out: Path = typer.Option(..., "-o", "--out", help="Output directory: model.pte, the tokenizer, manifest.json."),
     method: str = typer.Option("ptq", "--method", "-m", help=METHOD_HELP),
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="KV cache length in the .pte (prompt + generated tokens)."),
-    kv_cache: str = typer.Option("fp32", "--kv-cache", help="KV cache in the .pte: fp32 (exact), or int8 (a scale and zero point per position and head, as export_llama's --quantize_kv_cache: on SmolLM2 it decoded faster from about 1,000 positions of context on and prefilled several times slower; not exact, so measure it with `ptekit eval` on the .pte). See BENCHMARKS.md."),
+    kv_cache: str = typer.Option("fp32", "--kv-cache", help="KV cache in the .pte: fp32 (exact: float in the model's dtype, so bf16 with --method bf16), or int8 (a scale and zero point per position and head, as export_llama's --quantize_kv_cache: on SmolLM2 it decoded faster from about 1,000 positions of context on and prefilled several times slower; not exact, so measure it with `ptekit eval` on the .pte). See BENCHMARKS.md."),
     eval_method: bool = typer.Option(False, "--eval-method/--no-eval-method", help="Also export forward_all_logits (shares the weights, +a few KB) so `ptekit eval` scores the .pte in windows instead of token by token; lowering takes about 1.5x as long."),
     calibration: Path | None = typer.Option(None, "--calibration", "--data", help="Calibration/training text or JSONL. Without it both methods learn on text the model writes itself, so no domain is favoured: spinquant learns its rotations and calibrates GPTQ on it, qlora distills from the BF16 model on it. With it, spinquant learns its rotations on the file and calibrates GPTQ on the file and as many self-written windows (-O gptq_data); qlora fine-tunes on it: cross-entropy on its targets (chat JSONL: the assistant turns) + distillation from the BF16 model."),
     device: str = typer.Option("auto", "--device", help="Where spinquant/qlora optimize: auto (CUDA when present), cpu or cuda."),
@@ -97,7 +97,7 @@ def export(
 
 @app.command("import-gguf")
 def import_gguf_cmd(
-    gguf_file: Path = typer.Argument(..., help="A llama-architecture .gguf file (any quantization gguf can dequantize)."),
+    gguf_file: Path = typer.Argument(..., help="A llama-architecture .gguf file: tensors F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 or the K-quants Q2_K to Q6_K (the i-quants and ternary types are refused)."),
     out_dir: Path = typer.Argument(..., help="Where to write config.json, model.safetensors, tokenizer.json."),
 ):
     """Dequantize a llama GGUF into the Hugging Face layout (bf16 safetensors + tokenizer.json)."""

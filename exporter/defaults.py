@@ -101,7 +101,7 @@ def data_file(name: str, required: bool = True) -> Path:
         return dirs[0] / name
     where = " or ".join(str(d) for d in dirs)
     raise PtekitError(f"{name}: not found in {where}; put WikiText-2's {name} in {user_data_dir()}, set "
-                      f"{DATA_ENV} to a directory that holds it, or pass a text file with --data")
+                      f"{DATA_ENV} to a directory that holds it (`ptekit eval --data FILE` scores another text instead)")
 
 
 def resolve_checkpoint_arg(arg: str) -> Path:

@@ -2,8 +2,9 @@
 
 Grouped-query attention, RMSNorm, SwiGLU, RoPE with Llama 3 frequency scaling (Meta's
 interleaved-pair layout), tied or untied embeddings, and a static KV cache of layout
-[batch, max_seq_len, n_kv_heads, head_dim] (the layout ExecuTorch's cache ops use): fp32, or, for a
-.pte exported with `--kv-cache int8`, int8 with a scale and zero point per position and head.
+[batch, max_seq_len, n_kv_heads, head_dim] (the layout ExecuTorch's cache ops use): float in the model's
+dtype (fp32; bf16 in a bf16 .pte), or, for a .pte exported with `--kv-cache int8`, int8 with a scale and
+zero point per position and head.
 
 Two ways to call it:
 - forward(tokens): no cache, causal attention over the whole input; training and evaluation.

@@ -85,8 +85,9 @@ class GPTQOptions:
     act_order: bool = False
     block_size: int = 128  # columns per lazy-update block (a multiple of the group size)
     true_sequential: bool = True  # quantize q/k/v, then o, then w1/w3, then w2, each on the previous ones' outputs
-    # Each group's scale by searched_group_scales instead of max|w| / 7.5. Off by default: on SmolLM2's
-    # rotated start it lowered KL to BF16 on two texts but raised WikiText-2 perplexity (docs/qlora.md).
+    # Each group's scale by searched_group_scales instead of max|w| / 7.5. Off here; spinquant and qlora turn
+    # it on (their scale_search and gptq_scale_search options), where after the learned rotations it moved
+    # SmolLM2 toward BF16 on WikiText-2 and the docstrings (docs/spinquant.md).
     scale_search: bool = False
     # Asymmetric calibration (GPTAQ, Li et al. 2025): fit each layer's quantized output on the inputs it
     # really gets (after the quantized layers before it) to the float model's output on the float model's

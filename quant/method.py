@@ -3,7 +3,7 @@
 where the method runs.
 
 A method is one module in quant/ with one entry point, `quantize(model, inputs) -> model`,
-that ends with the model in the target scheme (or, for bf16, untouched), and one record in
+that ends with the model in the target scheme (or, for bf16, cast to bf16), and one record in
 quant/registry.py. A method may also define `memory_need(cfg, parameters, inputs) -> exporter.memory.Need`, its
 peak memory estimated from the checkpoint's shape, which the export checks before loading weights.
 Whatever a method learns (rotations, adapters, trained weights) it saves

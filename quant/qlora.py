@@ -361,7 +361,7 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
     qat.prepare(model, scales, learn_scales=s.scale_lr > 0 and s.qat_steps > 0)
     cfg = dict(rounds)["qat"]
     kd_teacher = teacher if s.kd_weight else None
-    if s.qat_steps > 0:  # 0: the adapters learn on the round-to-nearest backbone (full AdamW state not needed)
+    if s.qat_steps > 0:  # 0: the adapters learn on the start as it is (GPTQ's, or round to nearest with rotation=none)
         train("round 1: QAT", model, list(model.parameters()), sft_objective(windows, cfg, d, device, kd_teacher),
               cfg, work / "qat" / "state.pt", fps["qat"], device, d, progress=s.progress,
               work_dir=work, step_sizes=qat.learned_scales(model))

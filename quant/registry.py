@@ -45,8 +45,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("spinquant", "quant.spinquant", "SpinQuant", trains=True, settings="Settings", presets="PRESETS",
            help="learned rotations + GPTQ."),
     Method("qlora", "quant.qlora", "QAT+LoRA", trains=True, settings="QLoRASettings", presets="PRESETS",
-           help="quantization-aware training + LoRA adapters, starting from Hadamard-rotated GPTQ weights "
-           "(-O rotation=none: from the checkpoint's); without --data it distills the BF16 model on text the "
+           help="quantization-aware training + LoRA adapters, starting from spinquant's learned rotations and GPTQ "
+           "weights (-O rotation=hadamard: random Hadamard rotations; -O rotation=none: the checkpoint's weights); without --data it distills the BF16 model on text the "
            "model writes itself (recovery, on no particular domain), with --data it also trains cross-entropy "
            "on your data (fine-tuning)."),
 )}

@@ -375,7 +375,9 @@ def _save_state(path: Path, state: dict) -> None:
 
 
 # What the learned rotations depend on; the GPTQ settings are left out so that changing them
-# reuses finished rotations (once the old result is deleted: load_result says so).
+# reuses finished rotations (once the old result is deleted: load_result says so). On the model's own
+# text (no --calibration) gptq_samples and gptq_seq_len also decide the text the rotations learn on
+# (fingerprints), so changing either learns them again.
 TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "train_batch", "train_seq_len",
                    "init_probe", "init_eval_batches", "bf16", "seed")
 
@@ -612,7 +614,8 @@ def load_result(work: Path, fp: str):
         raise unreadable_work(path, work, f"format {manifest.get('format')!r}, not {FORMAT}")
     # The rotations depend on fewer settings than the result (TRAINING_FIELDS), so deleting the
     # result alone redoes GPTQ with the learned rotations, when those still match.
-    keep = f"delete only {result} to redo GPTQ with the learned rotations kept"
+    keep = (f"delete only {result} to redo GPTQ with the learned rotations kept (on the model's own text, "
+            "not after a change of gptq_samples or gptq_seq_len, which changes the text they learned on)")
     check_fingerprint(path, manifest.get("fingerprint"), fp, work, keep)
     from safetensors import safe_open
 
