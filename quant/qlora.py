@@ -204,7 +204,8 @@ def data_source(inputs: MethodInputs) -> Path | str:
 
 def data_id(src, s: QLoRASettings, seed: int) -> str:
     if src == sft_data.SELF_GENERATED:
-        return _hash("self", s.gen_sequences, s.seq_len, seed, *([s.train_text] if s.train_text != "generated" else []))
+        return _hash("self", s.gen_sequences, s.seq_len, seed, "one window a sequence",
+                     *([s.train_text] if s.train_text != "generated" else []))
     p = Path(src)
     if not p.is_file():
         raise PtekitError(f"{p}: training data file not found; pass an existing file with --data, or --data self")
@@ -224,7 +225,11 @@ def training_windows(src, inputs: MethodInputs, s: QLoRASettings, seq_len: int, 
             import torch.distributed as dist
 
             dist.barrier()
-        windows = sft_data.pack(text(), seq_len, "self-generated data")
+        # One window per sequence as the model wrote it (each is seq_len + 1 tokens), not packed end to end:
+        # no window joins the end of one sequence to the random first token of the next, and the start's
+        # rotations and GPTQ see exactly spinquant's windows (each sequence's first seq_len tokens).
+        tokens = torch.tensor([e.tokens for e in text()])
+        windows = sft_data.Windows(tokens, torch.ones_like(tokens, dtype=torch.bool))
         if s.train_text == "mixed":
             windows = _with_calibration_text(windows, inputs)
         source = "self-generated data"

@@ -484,6 +484,30 @@ def test_own_text_continues_from_the_batches_an_interrupted_or_shorter_run_kept(
     assert [e.tokens for e in more] == [e.tokens for e in whole] and calls == [3]
 
 
+def test_own_text_is_one_window_a_sequence_and_the_start_sees_spinquants_windows(tmp_path, monkeypatch):
+    """Without --data qlora trains on one window per self-written sequence (none joins two sequences), so its
+    learned start's rotations and GPTQ see exactly the windows spinquant learns on when spinquant writes the
+    text itself: each sequence's first seq_len tokens."""
+    import shutil
+
+    from quant import qlora, sft_data, spinquant
+    from quant.method import MethodInputs, weights_hash
+    from quant.train import Dist
+
+    monkeypatch.setenv("PTEKIT_CACHE", str(tmp_path / "cache"))
+    model = small_model().float()
+    run = MethodInputs(work_dir=tmp_path, options={"gen_sequences": "5", "seq_len": "24"})
+    s = qlora.QLoRASettings.from_inputs(run)
+    windows = qlora.training_windows(sft_data.SELF_GENERATED, run, s, 24, model, torch.device("cpu"), Dist(),
+                                     weights_hash(model))
+    written = sft_data.self_generated(model, None, 5, 25, seed=0, progress=False)
+    assert torch.equal(windows.tokens, torch.tensor([e.tokens for e in written])) and bool(windows.mask.all())
+    shutil.rmtree(tmp_path / "cache")  # spinquant writes the text again itself
+    sq = spinquant.Settings(rotation="learned", gptq_samples=5, train_seq_len=24, gptq_seq_len=24)
+    pool, tokens = spinquant.text_windows(model, None, sq, None, weights_hash(model))
+    assert torch.equal(pool, windows.tokens[:, :24]) and torch.equal(tokens, windows.tokens[:, :24])
+
+
 def test_mixed_text_alternates_the_models_own_windows_with_the_calibration_texts(tok, wikitext_valid, tmp_path):
     """train_text=mixed: each generated window followed by a window of WikiText-2's validation text, every
     position a distillation target, and its own fingerprint (the saved rounds of the other are not reused)."""
