@@ -359,8 +359,8 @@ def quantize(model: nn.Module, inputs: MethodInputs) -> nn.Module:
                                  progress=s.progress, scale_search=s.gptq_scale_search,
                                  asymmetric=s.gptq_asymmetric)
         else:
-            gptq = learned_gptq(model, windows.tokens[:, :seq_len], s.gptq_samples, work / "rotations",
-                                _hash(fp_start, "rotations"), inputs.seed, str(device), progress=s.progress,
+            gptq = learned_gptq(model, windows.tokens[:, :seq_len], s.gptq_samples, inputs.seed, str(device),
+                                progress=s.progress,
                                 scale_search=s.gptq_scale_search, asymmetric=s.gptq_asymmetric)
         scales = {name: scale for name, (_, scale) in gptq.items()}
     qat.prepare(model, scales, learn_scales=s.scale_lr > 0 and s.qat_steps > 0)

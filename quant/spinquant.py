@@ -17,10 +17,11 @@ change, as qlora trains on), so no domain is favoured and no evaluation text is 
 inputs.calibration (`--calibration FILE`) the rotations learn on the file and GPTQ calibrates on it and,
 by default, on as many self-written windows (gptq_data=mixed).
 
-Everything is kept under inputs.work_dir: the optimization state after every step (an
-interrupted run resumes where it stopped), the learned rotations, and the rotated, quantized
-checkpoint with a manifest, so exporting again skips straight to lowering. The text the model writes
-is kept in ptekit's cache instead (quant.sft_data.own_text_dir), where qlora and later exports read it.
+The learned rotations and the rotated, quantized checkpoint, with a manifest, are kept under
+inputs.work_dir, so exporting again skips straight to lowering. The text the model writes and the
+rotations' optimization state after every step are kept in ptekit's cache instead
+(quant.sft_data.own_text_dir, shared_rotations): an interrupted run resumes where it stopped, and qlora's
+start and later exports read what an earlier run learned.
 
 Options (inputs.options; values may be strings as a CLI passes them):
   preset            paper (default with --device cuda) | cpu (default otherwise)
@@ -265,6 +266,25 @@ def quantized_loss(loss_fn: QuantizedLoss, pool: torch.Tensor, s: Settings, r1, 
     return sum(loss_fn(data.batch(pool, b, s.train_batch), r1, r2).item() for b in range(s.init_eval_batches)) / s.init_eval_batches
 
 
+def shared_rotations(model: nn.Module, pool: torch.Tensor, s: Settings, device: str = "cpu",
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """learn_rotations with its state kept in ptekit's cache, under a hash of all it depends on: the folded
+    model's weights, the training windows and the training settings (TRAINING_FIELDS). spinquant and qlora's
+    learned start, and exports to other outputs, learn the same rotations on the same text, so whichever
+    runs first learns them and the others read them (an interrupted run resumes there); two runs at once
+    learn them once, the second waiting for the first."""
+    from exporter.atomic import held_lock
+    from exporter.defaults import cache_dir
+
+    h = update_with_weights(hashlib.sha256(), model)
+    h.update(pool.to("cpu", torch.int64).contiguous().numpy().tobytes())
+    h.update(json.dumps({k: getattr(s, k) for k in TRAINING_FIELDS}, sort_keys=True).encode())
+    key = h.hexdigest()
+    state_dir = cache_dir() / "rotations" / key[:16]
+    with held_lock(state_dir):
+        return learn_rotations(model, pool, s, state_dir, key, device, progress=progress)
+
+
 def learn_rotations(model: nn.Module, pool: torch.Tensor, s: Settings, work_dir: Path, fingerprint: str,
                     device: str = "cpu", on_step=None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Cayley SGD on R1, R2 from a folded model. Saves its state after every step under work_dir
@@ -277,6 +297,7 @@ def learn_rotations(model: nn.Module, pool: torch.Tensor, s: Settings, work_dir:
     state = load_state(state_path, fingerprint, work_dir)
     if state is None:
         run = _start(loss_fn, pool, s, model.config, device, progress)
+        _save_state(state_path, run.state(fingerprint))  # the probes' steps count: they may be all there are
     else:
         run = _Run(state["r1"], state["r2"], device, s, state["optimizer"], state["step"], state["record"])
         if run.step < s.iterations:
@@ -374,10 +395,9 @@ def _save_state(path: Path, state: dict) -> None:
 # --- the method ---------------------------------------------------------------------------------
 
 
-# What the learned rotations depend on; the GPTQ settings are left out so that changing them
-# reuses finished rotations (once the old result is deleted: load_result says so). On the model's own
-# text (no --calibration) gptq_samples and gptq_seq_len also decide the text the rotations learn on
-# (fingerprints), so changing either learns them again.
+# The settings the learned rotations depend on (with the weights and the windows: shared_rotations); the
+# GPTQ settings are left out, so that changing them reuses the rotations. On the model's own text (no
+# --calibration) gptq_samples and gptq_seq_len also decide the windows, so changing either learns them again.
 TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "train_batch", "train_seq_len",
                    "init_probe", "init_eval_batches", "bf16", "seed")
 
@@ -387,10 +407,10 @@ TRAINING_FIELDS = ("rotation", "init", "r4", "iterations", "lr", "momentum", "tr
 OPTIONS_ADDED_LATER = {"scale_search": False, "gptq_data": "calibration", "gptq_asymmetric": False}
 
 
-def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str, str]:
-    """(text, rotations, result): hashes of what each depends on. The model's own text depends on its
-    weights alone (and on its count, length and seed, which generated_windows adds); the rotations also
-    on the calibration text and the training settings; the result on every setting."""
+def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tuple[str, str]:
+    """(text, result): hashes of what each depends on. The model's own text depends on its weights alone
+    (and on its count, length and seed, which generated_windows adds); the result also on the calibration
+    text and every setting. (The rotations' state is keyed by shared_rotations.)"""
     h = update_with_weights(hashlib.sha256(), model)
     text = h.hexdigest()[:16]  # quant.method.weights_hash(model), without hashing the weights twice
     if calibration is not None:
@@ -398,12 +418,8 @@ def fingerprints(model: nn.Module, s: Settings, calibration: Path | None) -> tup
     elif s.rotation == "learned" or s.gptq:  # the model's own text: how many sequences it writes, and how long
         h.update(json.dumps(["own text", s.gptq_samples, s.train_seq_len, s.gptq_seq_len]).encode())
     settings = without_later_options(dataclasses.asdict(s), OPTIONS_ADDED_LATER)
-    out = []
-    for keys in (TRAINING_FIELDS, tuple(settings)):
-        hk = h.copy()
-        hk.update(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode())
-        out.append(hk.hexdigest())
-    return text, out[0], out[1]
+    h.update(json.dumps({k: settings[k] for k in settings}, sort_keys=True).encode())
+    return text, h.hexdigest()
 
 
 def _prepare(model: nn.Module, s: Settings) -> bool:
@@ -432,20 +448,20 @@ def hadamard_gptq(model: nn.Module, tokens: torch.Tensor, seed: int, device: str
     return gptq_model(model, tokens, s.gptq_options(), device, progress=progress)
 
 
-def learned_gptq(model: nn.Module, tokens: torch.Tensor, gptq_samples: int, work_dir: Path, fingerprint: str,
-                 seed: int, device: str = "cpu", progress: bool = True, scale_search: bool = False,
+def learned_gptq(model: nn.Module, tokens: torch.Tensor, gptq_samples: int, seed: int, device: str = "cpu",
+                 progress: bool = True, scale_search: bool = False,
                  asymmetric: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`-O rotation=learned` on a float model, in place: as hadamard_gptq, with R1/R2 learned first by
     this method's Cayley SGD (its preset for `device`) on the windows `tokens`, and GPTQ on the first
-    `gptq_samples` of them. The optimization's state is kept under work_dir (resumable; a state of
-    another `fingerprint` is an error). On text the model wrote itself, the next-token loss the
-    rotations learn is, in expectation, the KL to the model plus its own entropy (a constant): the
-    rotations are fit to the model, not to a domain."""
-    s = settings_from(MethodInputs(work_dir=Path(work_dir), device=device, seed=seed,
+    `gptq_samples` of them. The optimization's state is kept where spinquant keeps its own
+    (shared_rotations): on the same windows, which qlora's own text gives, the two learn the same rotations
+    once. On text the model wrote itself, the next-token loss the rotations learn is, in expectation, the
+    KL to the model plus its own entropy (a constant): the rotations are fit to the model, not to a domain."""
+    # Without a calibration file, as qlora's start calls it: settings_from reads no path from the inputs.
+    s = settings_from(MethodInputs(work_dir=Path(), device=device, seed=seed,
                                    options={"scale_search": scale_search, "gptq_asymmetric": asymmetric}))
     _prepare(model, s)
-    r1, r2, _ = learn_rotations(model, tokens[:, : s.train_seq_len], s, work_dir, fingerprint, device,
-                                progress=progress)
+    r1, r2, _ = shared_rotations(model, tokens[:, : s.train_seq_len], s, device, progress=progress)
     rotation.apply_rotations(model, r1, r2)
     return gptq_model(model, tokens[:gptq_samples], s.gptq_options(), device, progress=progress)
 
@@ -469,7 +485,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
     if needs_text and inputs.tokenizer is None:
         raise PtekitError("spinquant: needs the checkpoint's tokenizer to write or read its calibration text")
     model = model.float()
-    text_fp, train_fp, fp = fingerprints(model, s, calibration)
+    text_fp, fp = fingerprints(model, s, calibration)
 
     saved = load_result(work, fp)
     if saved is not None:
@@ -494,7 +510,7 @@ def quantize(model: nn.Module, inputs) -> nn.Module:
             source = calibration or f"the model's own text ({s.gptq_samples} sequences)"
             _log.warning(f"spinquant: {source} holds {len(pool)} windows of {s.train_seq_len} tokens; the "
                          f"{s.iterations * s.train_batch} training samples go through them more than once")
-        r1, r2, record = learn_rotations(model, pool, s, work, train_fp, device)
+        r1, r2, record = shared_rotations(model, pool, s, device)
     elif s.rotation == "hadamard":
         r1, r2 = random_rotations(model.config, s.seed)
     seconds["rotations"] = round(time.perf_counter() - t0, 1)
@@ -612,11 +628,9 @@ def load_result(work: Path, fp: str):
         raise unreadable_work(path, work, type(e).__name__) from None
     if manifest.get("format") != FORMAT:
         raise unreadable_work(path, work, f"format {manifest.get('format')!r}, not {FORMAT}")
-    # The rotations depend on fewer settings than the result (TRAINING_FIELDS), so deleting the
-    # result alone redoes GPTQ with the learned rotations, when those still match.
-    keep = (f"delete only {result} to redo GPTQ with the learned rotations kept (on the model's own text, "
-            "not after a change of gptq_samples or gptq_seq_len, which changes the text they learned on)")
-    check_fingerprint(path, manifest.get("fingerprint"), fp, work, keep)
+    # Starting over loses no learned rotations: they are kept in ptekit's cache (shared_rotations), and a
+    # run whose rotations depend on nothing that changed reads them there.
+    check_fingerprint(path, manifest.get("fingerprint"), fp, work)
     from safetensors import safe_open
 
     # The checkpoint carries the fingerprint too, so a result directory assembled by hand from two
@@ -626,7 +640,7 @@ def load_result(work: Path, fp: str):
     except Exception as e:  # a missing or damaged file: safetensors raises its own types
         raise unreadable_work(result / CHECKPOINT, work, type(e).__name__) from None
     with f:
-        check_fingerprint(result / CHECKPOINT, (f.metadata() or {}).get("fingerprint"), fp, work, keep)
+        check_fingerprint(result / CHECKPOINT, (f.metadata() or {}).get("fingerprint"), fp, work)
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     weights, floats = {}, {}
     for key, t in tensors.items():

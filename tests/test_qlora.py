@@ -705,27 +705,30 @@ def _short_rotation_preset(monkeypatch):
 def test_learned_start_learns_rotations_on_the_windows_and_a_rerun_rebuilds_the_same_start(tmp_path, monkeypatch):
     """rotation=learned: R1/R2 learned by spinquant's Cayley SGD on the given windows and saved, then
     GPTQ. A second call finds the finished optimization and rebuilds the very same start (what a
-    resumed qlora run needs); the state of another run is an error."""
+    resumed qlora run needs); other windows learn rotations of their own."""
     import copy
 
     from quant import spinquant
 
     _short_rotation_preset(monkeypatch)
+    monkeypatch.setenv("PTEKIT_CACHE", str(tmp_path / "cache"))
     model = small_model(vocab=512)
     tokens = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     first, again, hadamard = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
-    learned = spinquant.learned_gptq(first, tokens, 4, tmp_path, "fp-a", seed=0, progress=False)
-    assert (tmp_path / spinquant.STATE).exists()
+    learned = spinquant.learned_gptq(first, tokens, 4, seed=0, progress=False)
+    states = lambda: list((tmp_path / "cache" / "rotations").glob(f"*/{spinquant.STATE}"))  # noqa: E731
+    assert len(states()) == 1
     random = spinquant.hadamard_gptq(hadamard, tokens[:4], seed=0, progress=False)
     assert learned.keys() == random.keys()
     assert any(not torch.equal(learned[n][0], random[n][0]) for n in learned)  # the rotations moved
-    rebuilt = spinquant.learned_gptq(again, tokens, 4, tmp_path, "fp-a", seed=0, progress=False)
+    rebuilt = spinquant.learned_gptq(again, tokens, 4, seed=0, progress=False)
     for name, (q, scale) in learned.items():
         assert torch.equal(rebuilt[name][0], q) and torch.equal(rebuilt[name][1], scale), name
     for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(PtekitError):
-        spinquant.learned_gptq(copy.deepcopy(model), tokens, 4, tmp_path, "fp-b", seed=0, progress=False)
+    assert len(states()) == 1
+    spinquant.learned_gptq(copy.deepcopy(model), tokens.flip(0), 4, seed=0, progress=False)
+    assert len(states()) == 2
 
 
 def test_qlora_from_learned_rotations_saves_a_model_that_loads_as_trained(tiny_hf, wikitext_valid, tmp_path,
@@ -736,13 +739,14 @@ def test_qlora_from_learned_rotations_saves_a_model_that_loads_as_trained(tiny_h
     from quant.method import MethodInputs
 
     _short_rotation_preset(monkeypatch)
+    monkeypatch.setenv("PTEKIT_CACHE", str(tmp_path / "cache"))
     ckpt = load_checkpoint(tiny_hf)
-    inputs = MethodInputs(work_dir=tmp_path, tokenizer=Tokenizer(ckpt.tokenizer_path), calibration=wikitext_valid,
+    inputs = MethodInputs(work_dir=tmp_path / "work", tokenizer=Tokenizer(ckpt.tokenizer_path), calibration=wikitext_valid,
                           options={**EXPORT_OPTIONS, "qat_steps": 1, "lora_steps": 0, "rotation": "learned",
                                    "gptq_samples": 4})
     tokens = torch.randint(0, ckpt.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     trained = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)
-    assert (tmp_path / "rotations" / "rotation_state.pt").exists()
+    assert list((tmp_path / "cache" / "rotations").glob("*/rotation_state.pt"))
     reloaded = qlora.quantize(build_model(ckpt, max_seq_len=256), inputs)  # from work_dir/trained
     with torch.no_grad():
         assert torch.equal(trained(tokens), reloaded(tokens))

@@ -380,9 +380,9 @@ def test_saved_result_is_only_reused_for_the_same_fingerprint(tmp_path):
     floats = {"norm.weight": torch.ones(64)}
     assert spinquant.load_result(tmp_path, "fp-a") is None  # nothing saved yet
     spinquant.save_result(tmp_path, "fp-a", s, floats, weights, None, None, False, {}, {})
-    # Another run's result is an error naming the work directory, and what to delete to keep the rotations.
-    with pytest.raises(PtekitError, match=rf"other settings.*delete {re.escape(str(tmp_path))} to start over.*"
-                                          rf"delete only {re.escape(str(tmp_path / spinquant.RESULT))}"):
+    # Another run's result is an error naming the work directory to delete (the learned rotations are kept
+    # elsewhere: shared_rotations).
+    with pytest.raises(PtekitError, match=rf"other settings.*delete {re.escape(str(tmp_path))} to start over"):
         spinquant.load_result(tmp_path, "fp-b")
     loaded_floats, loaded_weights = spinquant.load_result(tmp_path, "fp-a")
     assert torch.equal(loaded_weights["layers.0.attention.wq"][0], weights["layers.0.attention.wq"][0])
@@ -476,6 +476,48 @@ def test_mixed_gptq_data_is_half_self_generated_and_kept_for_a_rerun(tiny96_hf, 
     assert torch.equal(seen[4], tokens)  # another export's work directory: the same text, not written again
     with pytest.raises(PtekitError, match="gptq_data='text'; choose one of calibration, generated, mixed"):
         spinquant.settings_from(inputs(tmp_path, tok, calibration, gptq_data="text"))
+
+
+def test_spinquant_and_qloras_learned_start_learn_the_rotations_once(tiny96_hf, tmp_path, monkeypatch):
+    """On the model's own text qlora's learned start learns on spinquant's windows with spinquant's settings:
+    the second of the two reads the rotations the first learned (ptekit's cache) instead of learning them
+    again, and starts from the same rotations and GPTQ integers."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from exporter.tokenizer import Tokenizer
+    from quant import qlora, sft_data, spinquant
+    from quant.method import MethodInputs, weights_hash
+    from quant.train import Dist
+
+    monkeypatch.setenv("PTEKIT_CACHE", str(tmp_path / "cache"))
+    ckpt = load_checkpoint(tiny96_hf)
+    tok = Tokenizer(ckpt.tokenizer_path)
+    short = dict(TINY_OPTIONS, gptq_seq_len=32)
+    monkeypatch.setitem(spinquant.PRESETS, "cpu", dataclasses.replace(spinquant.PRESETS["cpu"], **short))
+    steps = []
+    real_advance = spinquant._Run.advance
+    monkeypatch.setattr(spinquant._Run, "advance", lambda self, *a: steps.append(1) or real_advance(self, *a))
+    spinquant.quantize(build_model(ckpt, max_seq_len=64), MethodInputs(work_dir=tmp_path / "sq", tokenizer=tok, device="cpu"))
+    assert len(steps) >= TINY_OPTIONS["iterations"]  # the start probes' steps too
+    steps.clear()
+    # qlora's side: its training windows of the same text (gen_sequences = gptq_samples, seq_len = 32), then
+    # its learned start on them.
+    teacher = build_model(ckpt, max_seq_len=64).float()
+    run = MethodInputs(work_dir=tmp_path / "ql", tokenizer=tok, device="cpu",
+                       options={"gen_sequences": str(short["gptq_samples"]), "seq_len": "32"})
+    s = qlora.QLoRASettings.from_inputs(run)
+    windows = qlora.training_windows(sft_data.SELF_GENERATED, run, s, 32, teacher, torch.device("cpu"), Dist(),
+                                     weights_hash(teacher))
+    start = build_model(ckpt, max_seq_len=64).float()
+    gptq = spinquant.learned_gptq(start, windows.tokens[:, :32], short["gptq_samples"], seed=0, device="cpu",
+                                  progress=False, scale_search=True, asymmetric=True)
+    assert steps == []  # read, not learned again
+    assert len(list((tmp_path / "cache" / "rotations").glob(f"*/{spinquant.STATE}"))) == 1
+    saved = load_file(str(tmp_path / "sq" / spinquant.RESULT / spinquant.CHECKPOINT))
+    for name, (q, scale) in gptq.items():
+        assert torch.equal(saved[f"{name}.qdata"], q) and torch.equal(saved[f"{name}.scale"], scale), name
 
 
 def test_mixed_gptq_data_asks_the_calibration_text_only_for_its_half(tiny96_hf, tmp_path):
